@@ -1,0 +1,1 @@
+"""knock-client: static knocks, rotating knocks and signed single packets."""

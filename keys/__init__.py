@@ -1,0 +1,1 @@
+"""Key files: generation, permissions, authorized_keys and known_servers."""

@@ -1,0 +1,1 @@
+"""The daemon's edges: capture, firewall backends, the grant journal and scheduler."""
