@@ -17,8 +17,9 @@ import ctypes
 import itertools
 import os
 import socket
+import struct
 import subprocess
-import threading
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,28 @@ SERVER_V4, CLIENT_V4, CLIENT2_V4 = "192.0.2.1", "192.0.2.2", "192.0.2.3"
 SERVER_V6, CLIENT_V6, CLIENT2_V6 = "2001:db8::1", "2001:db8::2", "2001:db8::3"
 
 FIREWALL_STYLES = ("iptables-nft", "iptables-legacy", "nft")
+
+# The service behind the door: accept, close, forever (IPv4 and IPv6).
+_LISTENER = """
+import socket, sys, threading
+port = int(sys.argv[1])
+def serve(family, addr):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((addr, port))
+    s.listen(4096)
+    return s
+socks = [serve(socket.AF_INET, "0.0.0.0"), serve(socket.AF_INET6, "::")]
+def loop(s):
+    while True:
+        c, _ = s.accept()
+        c.close()
+threading.Thread(target=loop, args=(socks[1],), daemon=True).start()
+print("ready", flush=True)
+loop(socks[0])
+"""
 
 
 def _setns(fd: int) -> None:
@@ -93,7 +116,7 @@ class Lab:
     tag: str = ""
     server: str = field(init=False)
     client: str = field(init=False)
-    _listeners: list[socket.socket] = field(default_factory=list, init=False)
+    _procs: list[subprocess.Popen] = field(default_factory=list, init=False)
     _closed: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -129,12 +152,12 @@ class Lab:
         if self._closed:
             return
         self._closed = True
-        for s in self._listeners:
-            with contextlib.suppress(OSError):
-                s.close()
+        for p in self._procs:
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                p.kill()
+                p.wait(5)
         for ns in (self.server, self.client):
             # Deleting a namespace kills its veth end, its rules and its sets.
-            subprocess.run(["ip", "netns", "pids", ns], capture_output=True)
             for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), 9)
@@ -155,26 +178,17 @@ class Lab:
             sh(*argv, ns=self.server, input=text)
 
     def listen(self, port: int = 22) -> None:
-        """A TCP service on ``port`` (IPv4 and IPv6) in the server namespace that accepts and closes."""
-        with in_netns(self.server):
-            for family, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-                s = socket.socket(family, socket.SOCK_STREAM)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                s.bind((addr, port))
-                s.listen(128)
-                self._listeners.append(s)
-                threading.Thread(target=self._accept_loop, args=(s,), daemon=True).start()
+        """A TCP service on ``port`` (IPv4 and IPv6) in the server namespace that accepts and closes.
 
-    @staticmethod
-    def _accept_loop(s: socket.socket) -> None:
-        while True:
-            try:
-                conn, _ = s.accept()
-            except OSError:
-                return
-            conn.close()
+        A process of its own, not a thread: an acceptor starved of the GIL
+        lets the accept queue fill, and the kernel then drops SYNs, which a
+        probe would read as a closed port.
+        """
+        proc = self.exec_server([sys.executable, "-c", _LISTENER, str(port)], stdout=subprocess.PIPE)
+        self._procs.append(proc)
+        line = proc.stdout.readline() if proc.stdout else b""
+        if line.strip() != b"ready":
+            raise RuntimeError(f"listener on port {port} did not start")
 
     def client_socket(self, family: int, source: str | None = None) -> socket.socket:
         with in_netns(self.client):
@@ -191,6 +205,10 @@ class Lab:
         if source is None:
             source = CLIENT_V6 if family == socket.AF_INET6 else CLIENT_V4
         s = self.client_socket(family, source)
+        # Close with a reset: no TIME_WAIT on either side, so a later probe
+        # that happens to reuse the source port is never mistaken for an old
+        # connection and left unanswered.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.settimeout(timeout)
         try:
             s.connect((address, port))

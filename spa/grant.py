@@ -213,12 +213,16 @@ def regrant(current: ActiveGrant | None, grant: Grant, now: float) -> ActiveGran
 
     Granting again never shortens what is open and never stacks a second
     rule: the deadline becomes the later of the two, the ports those of the
-    newest grant (a reload may have changed the door).
+    newest grant (a reload may have changed the door), the commands those
+    that ran at the start.
     """
     fresh = ActiveGrant.start(grant, now)
     if current is None or current.key != grant.key:
         return fresh
-    return replace(fresh, deadline=max(current.deadline, fresh.deadline))
+    # Commands stay those of the start that ran: the stop must undo exactly it,
+    # even if a reload changed the door's commands meanwhile.
+    commands = current.commands if current.commands is not None else fresh.commands
+    return replace(fresh, deadline=max(current.deadline, fresh.deadline), commands=commands)
 
 
 def encode_label(door: str) -> str:

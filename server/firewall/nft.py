@@ -333,11 +333,17 @@ class NftBackend(Backend):
                     e = e.get("elem", e) if isinstance(e, dict) else e
                     if not isinstance(e, dict) or "val" not in e:
                         continue
+                    # JSON gives whole seconds left, truncated; 0 means expired or in
+                    # its last second. Recent kernels also keep dumping an expired
+                    # element until the next transaction, while packets already miss
+                    # it. Either way it no longer counts as held.
+                    if int(e.get("expires", 0)) <= 0:
+                        continue
                     addr, proto, port = e["val"]["concat"]
                     door = decode_label(e.get("comment", ""))
                     entry = held.setdefault((door, addr), {"ports": [], "deadline": 0.0})
                     entry["ports"].append(PortSpec(int(port), str(proto)))
-                    entry["deadline"] = max(entry["deadline"], now + float(e.get("expires", e.get("timeout", 0))))
+                    entry["deadline"] = max(entry["deadline"], now + float(e["expires"]))
         return [
             ActiveGrant(door, ipaddress.ip_address(addr), tuple(sorted(v["ports"])), v["deadline"])
             for (door, addr), v in sorted(held.items())

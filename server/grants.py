@@ -1,0 +1,312 @@
+"""The grant manager: opens grants, closes them on time, survives crashes.
+
+Every way in hands a ``Grant`` to ``submit()`` (never blocks: the capture
+loop calls it) or ``grant()`` (synchronous: the CLI and tests). One worker
+thread does the firewall work, closes grants at their deadlines and
+periodically checks that the firewall still holds what we put there
+(fail2ban's check/repair), putting it back when someone flushed the ruleset.
+
+The journal is the truth about what is open. A grant is written there
+before the firewall is touched; at start-up ``reconcile()`` closes what is
+overdue and reschedules the rest, so after ``kill -9`` a grant stays open no
+longer than its deadline (nft and iptables: the kernel stops matching at the
+deadline) or until the next start (command backend).
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from spa.errors import FirewallError, SpaError
+from spa.grant import ActiveGrant, Address, Grant, regrant
+from spa.server.firewall.base import Backend
+from spa.server.journal import Journal, JournalEntry
+
+log = logging.getLogger(__name__)
+
+COMMAND = "command"
+
+
+def describe(g: ActiveGrant) -> str:
+    ports = ",".join(str(p) for p in g.ports) or "commands"
+    return f"door {g.door!r} for {g.address} ({ports})"
+
+
+class GrantManager:
+    def __init__(
+        self,
+        journal: Journal,
+        native: Backend | None = None,
+        command: Backend | None = None,
+        *,
+        repair_interval: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.journal = journal
+        self.native = native
+        self.command = command
+        self.repair_interval = repair_interval
+        self._clock = clock
+        self._lock = threading.RLock()  # one firewall operation at a time
+        self._cond = threading.Condition()
+        self._pending: collections.deque[Grant] = collections.deque()
+        self._heap: list[tuple[float, str, str]] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    # -- backends ----------------------------------------------------------
+
+    def _backend_for(self, grant: Grant | ActiveGrant) -> tuple[str, Backend]:
+        if grant.commands is not None:
+            if self.command is None:
+                raise SpaError(f"door {grant.door!r} runs commands but no command backend is configured")
+            return COMMAND, self.command
+        if self.native is None:
+            raise SpaError(f"door {grant.door!r} opens ports but no firewall backend is configured")
+        return self.native.name, self.native
+
+    def _backend_named(self, name: str) -> Backend | None:
+        if name == COMMAND:
+            return self.command
+        if self.native is not None and self.native.name == name:
+            return self.native
+        return None
+
+    # -- life-cycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Build the firewall structure, reconcile with the journal, start the worker."""
+        with self._lock:
+            for b in (self.native, self.command):
+                if b is not None:
+                    b.setup()
+            self.reconcile()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="grant-manager", daemon=True)
+        self._thread.start()
+
+    def stop(self, close_grants: bool = True, timeout: float = 30.0) -> None:
+        """Stop the worker. With ``close_grants`` every grant is closed now (a clean shutdown)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._drain()
+        if close_grants:
+            for entry in self.journal.all():
+                self._close(entry.grant, entry.backend, reason="shutdown")
+            for b in (self.native, self.command):
+                if b is not None:
+                    try:
+                        b.teardown()
+                    except FirewallError as exc:
+                        log.error("teardown of %s failed: %s", b.name, exc)
+                        self.counters["firewall_failures"] += 1
+
+    # -- granting ------------------------------------------------------------
+
+    def submit(self, grant: Grant) -> None:
+        """Queue a grant; returns at once (safe from the capture loop)."""
+        with self._cond:
+            self._pending.append(grant)
+            self._cond.notify()
+
+    def grant(self, grant: Grant) -> ActiveGrant:
+        """Open (or extend) ``grant`` now; raises ``FirewallError`` if the firewall refuses."""
+        with self._lock:
+            name, backend = self._backend_for(grant)
+            now = self._clock()
+            entry = self.journal.get(grant.door, grant.address)
+            previous = entry.grant if entry is not None and not entry.closing else None
+            held = regrant(previous, grant, now)
+            self.journal.put(held, name)  # on disk before the firewall changes
+            try:
+                backend.open(held, previous)
+            except FirewallError:
+                self.counters["firewall_failures"] += 1
+                if previous is not None:
+                    self.journal.put(previous, name)
+                else:
+                    self.journal.delete(grant.door, grant.address)
+                raise
+            self.counters["firewall_ops"] += 1
+            self.counters["grants_total"] += 1
+            self._schedule(held)
+            log.info(
+                "%s %s until %s",
+                "extended" if previous is not None else "opened",
+                describe(held),
+                time.strftime("%H:%M:%S", time.localtime(held.deadline)),
+            )
+            return held
+
+    def _schedule(self, g: ActiveGrant) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (g.deadline, g.door, str(g.address)))
+            self._cond.notify()
+
+    # -- closing -------------------------------------------------------------
+
+    def _close(self, g: ActiveGrant, backend_name: str, reason: str) -> bool:
+        """Close one journaled grant; the caller has claimed it or owns the journal (start-up)."""
+        backend = self._backend_named(backend_name)
+        try:
+            if backend is None:
+                from spa.server.firewall import backend_class
+
+                backend = backend_class(backend_name)()  # journaled under a backend no longer configured
+            backend.close(g)
+        except (FirewallError, SpaError) as exc:
+            self.counters["firewall_failures"] += 1
+            log.error("closing %s failed (%s): %s", describe(g), reason, exc)
+            return False
+        self.counters["firewall_ops"] += 1
+        self.journal.delete(g.door, g.address)
+        log.info("closed %s (%s)", describe(g), reason)
+        self._reopen_overlaps(g)
+        return True
+
+    def _reopen_overlaps(self, closed: ActiveGrant) -> None:
+        # Two doors may open the same port for one address; the nft set holds
+        # one element for both, so put back what another live grant still needs.
+        if not closed.ports:
+            return
+        for entry in self.journal.all():
+            g = entry.grant
+            if g.address == closed.address and not entry.closing and set(g.ports) & set(closed.ports):
+                backend = self._backend_named(entry.backend)
+                if backend is not None and entry.backend != COMMAND:
+                    backend.open(g, g)
+
+    def revoke(self, door: str, address: Address, reason: str = "revoked") -> bool:
+        """Close one grant early; False when it was not open (idempotent)."""
+        with self._lock:
+            entry = self.journal.get(door, address)
+            if entry is None or not self.journal.claim_close(door, address):
+                return False
+            return self._close(entry.grant, entry.backend, reason)
+
+    def revoke_address(self, address: Address, reason: str = "revoked") -> list[ActiveGrant]:
+        closed = []
+        for entry in self.journal.all():
+            if entry.grant.address == address and self.revoke(entry.grant.door, address, reason):
+                closed.append(entry.grant)
+        return closed
+
+    def expire_due(self) -> int:
+        """Close every grant whose deadline has passed; the number closed."""
+        now = self._clock()
+        n = 0
+        with self._lock:
+            for entry in self.journal.all():
+                g = entry.grant
+                if g.deadline <= now and self.journal.claim_close(g.door, g.address, deadline=now):
+                    n += self._close(g, entry.backend, reason="deadline")
+        return n
+
+    # -- start-up and repair ---------------------------------------------------
+
+    def reconcile(self) -> None:
+        """Make firewall and journal agree: close overdue grants, reschedule and restore live ones."""
+        with self._lock:
+            now = self._clock()
+            journaled: dict[tuple[str, str], JournalEntry] = {}
+            for entry in self.journal.all():
+                g = entry.grant
+                if entry.closing or g.deadline <= now:
+                    self._close(g, entry.backend, reason="overdue at start" if not entry.closing else "unfinished close")
+                    continue
+                journaled[(g.door, str(g.address))] = entry
+                backend = self._backend_named(entry.backend)
+                if backend is not None and entry.backend != COMMAND:
+                    try:
+                        backend.open(g, g)  # idempotent; puts back what a reboot or flush removed
+                    except FirewallError as exc:
+                        log.error("restoring %s failed: %s", describe(g), exc)
+                self._schedule(g)
+                log.info("resumed %s, %.1f s left", describe(g), g.seconds_left(now))
+            if self.native is not None and self.native.lists_firewall:
+                for g in self.native.list():
+                    if (g.door, str(g.address)) in journaled:
+                        continue
+                    if g.deadline <= now:
+                        self.native.close(g)
+                        log.info("removed overdue %s found in the firewall only", describe(g))
+                    else:
+                        # The firewall holds it (journal lost or replaced): adopt it.
+                        self.journal.put(g, self.native.name)
+                        self._schedule(g)
+                        log.warning("adopted %s found in the firewall only", describe(g))
+
+    def repair(self) -> list[str]:
+        """Check the native backend's structure; rebuild it and restore live grants if broken."""
+        if self.native is None:
+            return []
+        with self._lock:
+            try:
+                problems = self.native.check()
+                if problems:
+                    log.warning("firewall changed behind our back (%s); repairing", "; ".join(problems))
+                    self.counters["repairs"] += 1
+                    self.native.setup()
+                    for entry in self.journal.all():
+                        if entry.backend == self.native.name and not entry.closing:
+                            self.native.open(entry.grant, entry.grant)
+                return problems
+            except FirewallError as exc:
+                self.counters["firewall_failures"] += 1
+                log.error("firewall check failed: %s", exc)
+                return [str(exc)]
+
+    def active(self) -> list[ActiveGrant]:
+        return [e.grant for e in self.journal.all() if not e.closing]
+
+    # -- worker ----------------------------------------------------------------
+
+    def _drain(self) -> None:
+        while True:
+            with self._cond:
+                if not self._pending:
+                    return
+                g = self._pending.popleft()
+            try:
+                self.grant(g)
+            except (FirewallError, SpaError) as exc:
+                log.error("opening door %r for %s failed: %s", g.door, g.address, exc)
+
+    def _run(self) -> None:
+        next_repair = time.monotonic() + self.repair_interval
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                if not self._pending:
+                    wait = next_repair - time.monotonic()
+                    if self._heap:
+                        wait = min(wait, self._heap[0][0] - self._clock())
+                    if wait > 0:
+                        self._cond.wait(wait)
+                if self._stopping:
+                    return
+                now = self._clock()
+                due = False
+                while self._heap and self._heap[0][0] <= now:
+                    heapq.heappop(self._heap)
+                    due = True
+            try:
+                self._drain()
+                if due:
+                    self.expire_due()
+                if time.monotonic() >= next_repair:
+                    next_repair = time.monotonic() + self.repair_interval
+                    self.repair()
+            except Exception:  # noqa: BLE001 - the worker must outlive any one failure
+                log.exception("grant manager: unexpected error; continuing")

@@ -1,0 +1,131 @@
+"""The grant journal: every grant written to disk before the firewall is touched.
+
+SQLite in WAL mode with ``synchronous=FULL``: a grant that was opened is on
+disk even if the machine loses power right after, so the next start can close
+it on time (fail2ban runs its database with ``synchronous=OFF``; we do not).
+One row per (door, address). A row whose ``closing`` flag is set is being
+closed; whoever sets the flag (the daemon at the deadline, or ``spa grants
+--revoke`` from another process) runs the close, so a stop command never
+runs twice for one grant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from spa.grant import ActiveGrant, CommandAction, parse_address, parse_ports
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS grants (
+    door     TEXT NOT NULL,
+    address  TEXT NOT NULL,
+    ports    TEXT NOT NULL,
+    deadline REAL NOT NULL,
+    commands TEXT,
+    backend  TEXT NOT NULL,
+    created  REAL NOT NULL,
+    closing  INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (door, address)
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    grant: ActiveGrant
+    backend: str
+    closing: bool
+
+
+class Journal:
+    """Durable record of open grants, safe to share between the daemon and the CLI."""
+
+    FILENAME = "grants.db"
+
+    def __init__(self, state_dir: str | os.PathLike[str]):
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path = self.state_dir / self.FILENAME
+        self._lock = threading.Lock()
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a write
+        # from the CLI and one from the daemon never interleave.
+        self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        os.chmod(self.path, 0o600)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @staticmethod
+    def _entry(row: tuple) -> JournalEntry:
+        door, address, ports, deadline, commands, backend, closing = row
+        cmd = CommandAction.from_dict(json.loads(commands)) if commands else None
+        return JournalEntry(
+            ActiveGrant(door, parse_address(address), parse_ports(ports) if ports else (), float(deadline), cmd),
+            backend,
+            bool(closing),
+        )
+
+    _COLUMNS = "door, address, ports, deadline, commands, backend, closing"
+
+    def put(self, grant: ActiveGrant, backend: str) -> None:
+        """Record (or update) a grant; durable when this returns."""
+        ports = ",".join(str(p) for p in grant.ports)
+        commands = json.dumps(grant.commands.to_dict()) if grant.commands else None
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO grants (door, address, ports, deadline, commands, backend, created, closing)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, 0)"
+                    " ON CONFLICT (door, address) DO UPDATE SET ports=excluded.ports, deadline=excluded.deadline,"
+                    " commands=excluded.commands, backend=excluded.backend, closing=0",
+                    (grant.door, str(grant.address), ports, grant.deadline, commands, backend, time.time()),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def get(self, door: str, address) -> JournalEntry | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {self._COLUMNS} FROM grants WHERE door=? AND address=?", (door, str(address))
+            ).fetchone()
+        return self._entry(row) if row else None
+
+    def all(self) -> list[JournalEntry]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {self._COLUMNS} FROM grants ORDER BY deadline").fetchall()
+        return [self._entry(r) for r in rows]
+
+    def claim_close(self, door: str, address, deadline: float | None = None) -> bool:
+        """Mark a grant as closing; True for the one caller that gets to close it.
+
+        With ``deadline``, only a row that still ends then is claimed: a grant
+        extended meanwhile is left alone.
+        """
+        sql = "UPDATE grants SET closing=1 WHERE door=? AND address=? AND closing=0"
+        args: tuple = (door, str(address))
+        if deadline is not None:
+            sql += " AND deadline<=?"
+            args += (deadline,)
+        with self._lock:
+            cur = self._db.execute(sql, args)
+        return cur.rowcount == 1
+
+    def delete(self, door: str, address) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM grants WHERE door=? AND address=?", (door, str(address)))

@@ -1,0 +1,45 @@
+import os
+import stat
+
+from spa.grant import ActiveGrant, CommandAction, Grant
+from spa.server.journal import Journal
+
+
+def _g(door="ssh", addr="192.0.2.2", ports="22/tcp", deadline=1000.0, commands=None):
+    g = Grant.create(door, addr, ports, 5, commands)
+    return ActiveGrant(g.door, g.address, g.ports, deadline, commands)
+
+
+def test_round_trip_and_update(tmp_path):
+    j = Journal(tmp_path / "state")
+    g = _g(commands=CommandAction(start="s %IP%", stop="t %IP%"))
+    j.put(g, "command")
+    e = j.get("ssh", g.address)
+    assert e.grant == g and e.backend == "command" and not e.closing
+    j.put(_g(deadline=2000.0, ports="22 443"), "nft")
+    assert [x.grant.deadline for x in j.all()] == [2000.0]
+    assert stat.S_IMODE(os.stat(j.path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "state").st_mode) == 0o700
+
+
+def test_survives_reopen(tmp_path):
+    Journal(tmp_path).put(_g(addr="2001:db8::2"), "iptables")
+    again = Journal(tmp_path)
+    assert [str(e.grant.address) for e in again.all()] == ["2001:db8::2"]
+    assert again._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert again._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_claim_close_once_and_respects_extension(tmp_path):
+    j = Journal(tmp_path)
+    a, b = Journal(tmp_path), Journal(tmp_path)  # two processes' views
+    j.put(_g(deadline=100.0), "nft")
+    assert not a.claim_close("ssh", "192.0.2.2", deadline=50.0)  # extended past "now": not due
+    assert a.claim_close("ssh", "192.0.2.2", deadline=100.0)
+    assert not b.claim_close("ssh", "192.0.2.2")  # only one closer
+    assert j.get("ssh", "192.0.2.2").closing
+    j.put(_g(deadline=300.0), "nft")  # granted again: no longer closing
+    assert not j.get("ssh", "192.0.2.2").closing
+    j.delete("ssh", "192.0.2.2")
+    assert j.get("ssh", "192.0.2.2") is None
+    j.delete("ssh", "192.0.2.2")  # idempotent
