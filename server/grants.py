@@ -25,6 +25,7 @@ from collections.abc import Callable
 from spa.errors import FirewallError, SpaError
 from spa.grant import ActiveGrant, Address, Grant, regrant
 from spa.server.firewall.base import Backend
+from spa.server.firewall.command import CommandBackend
 from spa.server.journal import Journal, JournalEntry
 
 log = logging.getLogger(__name__)
@@ -156,23 +157,33 @@ class GrantManager:
     # -- closing -------------------------------------------------------------
 
     def _close(self, g: ActiveGrant, backend_name: str, reason: str) -> bool:
-        """Close one journaled grant; the caller has claimed it or owns the journal (start-up)."""
+        """Close one journaled grant; the caller has claimed it or owns the journal (start-up, shutdown)."""
+        self.journal.claim_close(g.door, g.address)  # marks it; already marked when the caller claimed it
         backend = self._backend_named(backend_name)
         try:
             if backend is None:
                 from spa.server.firewall import backend_class
 
                 backend = backend_class(backend_name)()  # journaled under a backend no longer configured
+            if isinstance(backend, CommandBackend):
+                # The row goes when the stop command has run, not when it is
+                # queued: a crash in between leaves it for the next start.
+                backend.close(g, on_done=lambda: self._forget(g, reason))
+                self.counters["firewall_ops"] += 1
+                return True
             backend.close(g)
         except (FirewallError, SpaError) as exc:
             self.counters["firewall_failures"] += 1
             log.error("closing %s failed (%s): %s", describe(g), reason, exc)
             return False
         self.counters["firewall_ops"] += 1
-        self.journal.delete(g.door, g.address)
-        log.info("closed %s (%s)", describe(g), reason)
+        self._forget(g, reason)
         self._reopen_overlaps(g)
         return True
+
+    def _forget(self, g: ActiveGrant, reason: str) -> None:
+        self.journal.delete(g.door, g.address, only_closing=True)
+        log.info("closed %s (%s)", describe(g), reason)
 
     def _reopen_overlaps(self, closed: ActiveGrant) -> None:
         # Two doors may open the same port for one address; the nft set holds

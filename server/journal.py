@@ -126,6 +126,8 @@ class Journal:
             cur = self._db.execute(sql, args)
         return cur.rowcount == 1
 
-    def delete(self, door: str, address) -> None:
+    def delete(self, door: str, address, only_closing: bool = False) -> None:
+        """Forget a grant. With ``only_closing``, a grant opened again meanwhile is kept."""
+        sql = "DELETE FROM grants WHERE door=? AND address=?" + (" AND closing=1" if only_closing else "")
         with self._lock:
-            self._db.execute("DELETE FROM grants WHERE door=? AND address=?", (door, str(address)))
+            self._db.execute(sql, (door, str(address)))

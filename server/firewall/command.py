@@ -83,6 +83,7 @@ class _Job:
     address: Address
     which: Literal["start", "stop"]
     text: str
+    on_done: Callable[[], None] | None = None
 
 
 def _read_capped(f) -> str:
@@ -158,13 +159,19 @@ class CommandBackend(Backend):
             return
         self._enqueue(_Job(grant.door, grant.address, "start", start))
 
-    def close(self, grant: ActiveGrant) -> None:
-        if grant.commands is None:
-            return
-        _start, stop = grant.commands.commands_for(grant.address)
+    def close(self, grant: ActiveGrant, on_done: Callable[[], None] | None = None) -> None:
+        """Queue the stop command; ``on_done`` runs once it has run (or at once when there is none).
+
+        The grant manager forgets a grant only in ``on_done``, so a stop command
+        that a crash prevented still runs at the next start.
+        """
+        stop = grant.commands.commands_for(grant.address)[1] if grant.commands is not None else None
         if stop is None:
-            return  # a door without a stop command closes by doing nothing, as in knockd
-        self._enqueue(_Job(grant.door, grant.address, "stop", stop))
+            # A door without a stop command closes by doing nothing, as in knockd.
+            if on_done is not None:
+                on_done()
+            return
+        self._enqueue(_Job(grant.door, grant.address, "stop", stop, on_done))
 
     def list(self) -> list[ActiveGrant]:
         return []  # commands leave nothing we could read back
@@ -202,6 +209,8 @@ class CommandBackend(Backend):
         while True:
             try:
                 self._run(job)
+                if job.on_done is not None:
+                    job.on_done()
             except BaseException:  # a worker must never lose the queue
                 log.exception("%s: command %s failed unexpectedly", job.door, job.text)
             with self._lock:

@@ -79,11 +79,10 @@ class NftBackend(Backend):
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        if runner.which("nft") is None and not Path("/usr/lib/x86_64-linux-gnu/libnftables.so.1").exists():
-            try:
-                open_transport("libnftables")
-            except BackendUnavailable as exc:
-                return f"nftables is not installed ({exc}); Debian: apt-get install nftables"
+        try:
+            open_transport()
+        except BackendUnavailable as exc:
+            return f"nftables is not usable here ({exc.message}); Debian: apt-get install nftables"
         return None
 
     @property

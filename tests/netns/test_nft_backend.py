@@ -106,3 +106,20 @@ def test_check_sees_a_flushed_ruleset_and_setup_repairs_it(lab):
         backend.open(_active(CLIENT_V4, 5))
         assert lab.probe(SERVER_V4)
         backend.teardown()
+
+
+def test_nft_process_transport_when_libnftables_is_not_used(lab):
+    from spa.server.firewall.libnft import NftProcess
+
+    lab.default_deny("nft")
+    with in_netns(lab.server):
+        backend = NftBackend(transport=NftProcess())
+        assert backend.transport_kind == "nft-process"
+        backend.setup()
+        g = _active(CLIENT_V6, 10)
+        backend.open(g)
+        assert lab.probe(SERVER_V6)
+        assert [x.address for x in backend.list()] == [g.address]
+        backend.close(g)
+        assert not lab.probe(SERVER_V6)
+        backend.teardown()
