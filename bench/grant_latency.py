@@ -238,6 +238,11 @@ class Driver:
 
     backend = ""
     transport = ""
+    #: numbers from ``diagnostics`` (ms), for the text
+    values: dict[str, float]
+
+    def __init__(self) -> None:
+        self.values = {}
 
     def setup(self) -> None: ...
     def request(self): ...
@@ -267,6 +272,7 @@ def _median_ms(f: Callable[[], None], n: int, between: Callable[[], None] | None
 
 class BackendDriver(Driver):
     def __init__(self, backend, transport: str, commands: CommandAction | None = None):
+        super().__init__()
         self.b = backend
         self.backend = backend.name if not getattr(backend, "variant", None) else f"iptables ({backend.variant})"
         self.transport = transport
@@ -309,15 +315,17 @@ class BackendDriver(Driver):
             def full_open() -> None:
                 b.open(next(fresh))
 
+            self.values.update(add_only=_median_ms(add_only, 20), full_open=_median_ms(full_open, 20))
             return [
-                f"one `nft -j -f -` adding a new element, nothing else: median {_median_ms(add_only, 20):.2f} ms",
+                f"one `nft -j -f -` adding a new element, nothing else: median {self.values['add_only']:.2f} ms",
                 f"one `nft -j -f -` with what open() sends for a new grant (add, delete, add): median "
-                f"{_median_ms(full_open, 20):.2f} ms",
+                f"{self.values['full_open']:.2f} ms",
             ]
         g = self.request()
         warm = _median_ms(lambda: b.open(g), 40, between=lambda: b.close(g))
         idle = _median_ms(lambda: b.open(g), 20, between=lambda: (b.close(g), time.sleep(0.025)))
         b.close(g)
+        self.values.update(warm=warm, idle=idle)
         return [f"open() alone, back to back (warm): median {warm:.3f} ms; after 25 ms idle: median {idle:.3f} ms"]
 
 
@@ -355,6 +363,7 @@ class ManagerDriver(Driver):
         from spa.server.grants import GrantManager
         from spa.server.journal import Journal
 
+        super().__init__()
         # On disk, not tmpfs: the fsync is part of what a grant costs.
         self.state = tempfile.mkdtemp(prefix="spa-bench-", dir="/var/tmp")
         self.journal = Journal(self.state)
@@ -445,6 +454,7 @@ class RowResult:
     note: str = ""
     processes: str = ""
     diagnostics: list[str] = field(default_factory=list)
+    values: dict[str, float] = field(default_factory=dict)
     late_sockets: int = 0
 
     @property
@@ -537,6 +547,7 @@ def run_row(spec: RowSpec, samples: int, run_start: float, log: Callable[[str], 
                     res.note = driver.note()
                     res.processes = "" if isinstance(driver, CommandDriver) else spy.describe()
                     res.diagnostics = driver.diagnostics(client)
+                    res.values = dict(driver.values)
                 finally:
                     driver.teardown()
         finally:
@@ -639,47 +650,55 @@ def findings(by: dict[str, RowResult]) -> list[str]:
     nft, nft_ipt, proc = med("nft-libnftables"), med("nft-libnftables-ipt"), med("nft-process")
     ipt, leg, cmd, mgr = med("iptables-nft"), med("iptables-legacy"), med("command"), med("manager")
     if nft is not None:
-        out.append(
-            f"- **nft through libnftables** opens in {nft:.2f} ms median, connect included. The open() call alone"
-            " is about 0.2 ms back to back (as in the reference cost table, 0.17 ms) but 0.5–0.8 ms after 25 ms of"
-            " other work, which is the case here (each sample follows a failed connect) and in a real daemon (a"
-            " grant follows idle time); see the notes. We did not pin down why (cold caches, a busy-wait of 25 ms"
-            " slows it as much as a sleep)."
-        )
+        text = f"- **nft through libnftables** opens in {nft:.2f} ms median, connect included."
+        v = by["nft-libnftables"].values
+        if "warm" in v:
+            text += (
+                f" The open() call alone takes {v['warm']:.2f} ms back to back (the reference cost table says"
+                f" 0.17 ms) but {v['idle']:.2f} ms after 25 ms of idle, which is the case in the samples (each"
+                " follows a failed connect) and in a real daemon (a grant follows idle time). We did not pin down"
+                " why; cold caches most likely (a 25 ms busy-wait instead of the sleep slows it as much)."
+            )
+        out.append(text)
     if proc is not None:
+        v = by["nft-process"].values
+        alone = f" ({v['add_only']:.1f} ms in this run)" if "add_only" in v else ""
         out.append(
             f"- **nft-process: {proc:.1f} ms, and most of it is not process start-up.** One `nft` that only adds an"
-            " element costs a few ms (notes). open() sends add, delete and add in one transaction (so that a"
+            f" element costs a few ms{alone}. open() sends add, delete and add in one transaction (so that a"
             " re-grant gets a fresh timeout); nf_tables frees what a transaction deleted after an RCU grace period,"
             " and a process closing its netlink socket while that is pending waits for it. Traced with strace on"
             " this machine while preparing this benchmark (not part of the script): `close()` of nft's netlink"
             " socket took 8–24 ms after a transaction that deleted something (an element, a rule, a flushed"
-            " chain) and 0.05 ms after one that only added. libnftables keeps its socket open and never waits; an"
-            " `nft` process would be about 3× faster for a new grant if open() sent a lone add (`create`, falling"
-            " back to add/delete/add when the element exists)."
+            " chain) and 0.05 ms after one that only added. libnftables keeps its socket open and never waits."
         )
+        if "add_only" in v and "full_open" in v:
+            out[-1] += (
+                f" With the `nft` process a new grant would cost {v['add_only']:.1f} ms instead of"
+                f" {v['full_open']:.1f} ms if open() sent a lone add (`create`, falling back to add/delete/add"
+                " only when the element already exists)."
+            )
     if ipt is not None or leg is not None:
         both = " and ".join(f"{v:.1f} ms ({n})" for n, v in (("nft", ipt), ("legacy", leg)) if v is not None)
         out.append(
-            f"- **iptables backend: {both}.** Each open() runs two programs (notes): `iptables -S` to read the"
-            " door's earlier rules, then one `iptables-restore --noflush` that adds the new rule and deletes those"
-            " in one commit. The read is what makes a re-grant atomic and cleans up after a crash; it costs one"
-            " extra process, about half the total."
+            f"- **iptables backend: {both}.** Each open() runs two programs (notes): `iptables -S` to find the"
+            " door's earlier rules for the address (a grant being extended, or what a crash left), then one"
+            " `iptables-restore --noflush` that adds the new rule and deletes those in one commit. The read is one"
+            " extra process, about half the total; for a first grant it finds nothing."
         )
     if cmd is not None:
         out.append(
             f"- **command backend (knockd's own start command): {cmd:.1f} ms**, one `/bin/sh` and one"
-            " `iptables -A` (an append, nothing deleted, so no wait at exit); the port opens while the worker is"
-            " still reaping the shell. Its stop command (`-D`) deletes and waits as described above, off the"
-            " grant's path."
+            " `iptables -A` (an append: nothing deleted, so no grace-period wait at exit). Its stop command (`-D`)"
+            " deletes, and that iptables process does wait at exit, off the grant's path."
         )
     if mgr is not None:
         ref = nft_ipt if nft_ipt is not None else nft
         extra = f", {mgr - ref:.2f} ms more than the backend alone under the same default deny" if ref is not None else ""
         out.append(
             f"- **The whole grant path** (`GrantManager.grant()`: journal read, journal write with"
-            f" `synchronous=FULL` on ext4, then nft through libnftables) takes {mgr:.2f} ms median{extra}: the"
-            " fsync'ed journal write is the largest part of a real grant."
+            f" `synchronous=FULL` on ext4, then nft through libnftables) takes {mgr:.2f} ms median{extra}:"
+            " that difference is the journal, the durable write before the firewall is touched."
         )
     return out
 
