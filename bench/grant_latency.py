@@ -232,7 +232,6 @@ class ProcessSpy:
         return "programs run inside open(): " + ", ".join(parts)
 
 
-
 class Driver:
     """One way of opening the door: set up, open (timed), close, tear down; all inside the server namespace."""
 
@@ -254,7 +253,7 @@ class Driver:
     def note(self) -> str:
         return ""
 
-    def diagnostics(self, client: Client) -> list[str]:
+    def diagnostics(self) -> list[str]:
         """Extra measurements that explain the row (run after the samples)."""
         return []
 
@@ -297,7 +296,7 @@ class BackendDriver(Driver):
         if hasattr(nft, "close"):
             nft.close()
 
-    def diagnostics(self, client: Client) -> list[str]:
+    def diagnostics(self) -> list[str]:
         if self.b.name != "nft":
             return []
         b = self.b
@@ -456,10 +455,34 @@ class RowResult:
     diagnostics: list[str] = field(default_factory=list)
     values: dict[str, float] = field(default_factory=dict)
     late_sockets: int = 0
+    cpu_busy: float = 0.0
+    cpu_ours: float = 0.0
 
     @property
     def samples(self) -> int:
         return len(self.latencies) + self.failures
+
+
+class CpuMeter:
+    """Share of all CPUs busy over an interval, and the share this process (and its children) used."""
+
+    @staticmethod
+    def _stat() -> tuple[float, float]:
+        fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields[:8]), idle
+
+    def __enter__(self) -> CpuMeter:
+        self.t0, self.i0 = self._stat()
+        self.o0 = sum(os.times()[:4])
+        return self
+
+    def __exit__(self, *exc) -> None:
+        t1, i1 = self._stat()
+        total = t1 - self.t0
+        hz = os.sysconf("SC_CLK_TCK")
+        self.busy = (total - (i1 - self.i0)) / total if total > 0 else 0.0
+        self.ours = min(self.busy, (sum(os.times()[:4]) - self.o0) * hz / total) if total > 0 else 0.0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -498,6 +521,13 @@ def measure_baseline(driver: Driver, client: Client, n: int) -> list[float]:
 
 def run_row(spec: RowSpec, samples: int, run_start: float, log: Callable[[str], None]) -> RowResult:
     res = RowResult(spec)
+    with CpuMeter() as cpu:
+        _run_row(res, spec, samples, run_start, log)
+    res.cpu_busy, res.cpu_ours = cpu.busy, cpu.ours
+    return res
+
+
+def _run_row(res: RowResult, spec: RowSpec, samples: int, run_start: float, log: Callable[[str], None]) -> None:
     with Lab(tag="bn") as lab:
         lab.default_deny(spec.deny)
         lab.listen(PORT)
@@ -546,14 +576,13 @@ def run_row(spec: RowSpec, samples: int, run_start: float, log: Callable[[str], 
                             log(f"  {spec.name}: {i + 1}/{samples}")
                     res.note = driver.note()
                     res.processes = "" if isinstance(driver, CommandDriver) else spy.describe()
-                    res.diagnostics = driver.diagnostics(client)
+                    res.diagnostics = driver.diagnostics()
                     res.values = dict(driver.values)
                 finally:
                     driver.teardown()
         finally:
             res.late_sockets = client.late
             client.close()
-    return res
 
 
 # -- reporting -----------------------------------------------------------------
@@ -589,13 +618,14 @@ def breakdown_rows(results: list[RowResult]) -> list[list[str]]:
             _ms(med - base),
             f"{med / base:.0f}x",
             f"{statistics.median(r.attempts):g} / {max(r.attempts)}",
+            f"{r.cpu_busy * 100:.0f} % / {r.cpu_ours * 100:.0f} %",
         ])
     return rows
 
 
 SUMMARY_HEAD = ["row", "backend", "transport", "default deny", "samples", "failures", "min ms", "median ms", "p90 ms", "max ms"]
 BREAKDOWN_HEAD = ["row", "open() call, median ms", "baseline connect, median ms", "median − baseline, ms",
-                  "median / baseline", "connect attempts, median / max"]
+                  "median / baseline", "connect attempts, median / max", "CPU busy: all / this run"]
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:
@@ -742,7 +772,7 @@ def render_section(results: list[RowResult], info: dict[str, str], samples: int,
         "there. The backend is created and every call to it made with the thread inside the server namespace.",
         "Per sample: the door is closed and a connect from the client must fail; `t0`; the backend's",
         "`open(grant)` (the command backend only queues its start command and returns, so polling starts at",
-        f"once; the last row calls `GrantManager.grant()`, which writes the journal first); then a new",
+        "once; the `manager` row calls `GrantManager.grant()`, which writes the journal first); then a new",
         f"non-blocking connect to {SERVER_V4}:22 from {CLIENT_V4} every {ATTEMPT_INTERVAL * 1e3:g} ms, each on a",
         "fresh socket made in the client namespace before `t0` (a dropped SYN is retransmitted only after 1 s,",
         "so the attempts overlap rather than wait), until one completes the handshake: `t1`. The latency is",
@@ -755,7 +785,9 @@ def render_section(results: list[RowResult], info: dict[str, str], samples: int,
         markdown_table(BREAKDOWN_HEAD, breakdown_rows(results)),
         "",
         "*open() call*: how long the open call itself took (the command backend: queueing). *connect",
-        "attempts*: 1 means the first connect after `open()` returned got through.",
+        "attempts*: 1 means the first connect after `open()` returned got through. *CPU busy*: share of all",
+        "cores busy while the row ran, and the part of it this benchmark's process and its children used",
+        "(the rest is other work on the machine; the machines are shared).",
         "",
     ]
     if notes:
@@ -864,6 +896,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if __package__ in (None, ""):
-        sys.path.insert(0, str(REPO))
     sys.exit(main())

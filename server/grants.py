@@ -319,5 +319,8 @@ class GrantManager:
                 if time.monotonic() >= next_repair:
                     next_repair = time.monotonic() + self.repair_interval
                     self.repair()
+                    # Grants opened by another process (``spa grant``) are in
+                    # the journal but not in our schedule: sweep for them too.
+                    self.expire_due()
             except Exception:  # noqa: BLE001 - the worker must outlive any one failure
                 log.exception("grant manager: unexpected error; continuing")

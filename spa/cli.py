@@ -77,6 +77,8 @@ def grants(backend: str, state_dir: str, revoke: str | None) -> None:
     held = mgr.native.list() if mgr.native is not None else []
     seen = {(g.door, g.address) for g in held}
     for g in held:
+        if g.deadline <= now:
+            continue  # an iptables rule past its datestop matches nothing; it is removed at the next sweep
         rows.append((g.door, str(g.address), ",".join(map(str, g.ports)), g.seconds_left(now), mgr.native.name))
     # Command doors leave no trace we can read back; show the journal's word for them.
     for g in mgr.active():
