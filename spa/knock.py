@@ -1,0 +1,47 @@
+"""The ``Knock``: one observed packet that may be a knock, and TCP flag tests.
+
+Built by the capture edge from raw headers (``spa.packet``) and consumed by
+the matcher (``spa.matcher``); small, immutable, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from spa.grant import Address, Proto
+
+FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+FLAG_BITS = {"fin": FIN, "syn": SYN, "rst": RST, "psh": PSH, "ack": ACK, "urg": URG}
+
+
+@dataclass(frozen=True, slots=True)
+class Knock:
+    """A TCP or UDP packet addressed to this host, reduced to what matching needs."""
+
+    src: Address
+    dst: Address
+    proto: Proto
+    sport: int
+    dport: int
+    #: TCP flags byte (0 for UDP).
+    flags: int = 0
+    #: TCP sequence number (0 for UDP): a retransmitted SYN repeats it.
+    seq: int = 0
+    #: Arrival time in seconds (the capture's monotonic clock).
+    time: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TcpFlags:
+    """knockd's TCPFlags: listed flags must be set, ``!``-prefixed ones clear, the rest don't care."""
+
+    must_set: int = 0
+    must_clear: int = 0
+
+    def matches(self, flags: int) -> bool:
+        return (flags & self.must_set) == self.must_set and (flags & self.must_clear) == 0
+
+    def __str__(self) -> str:
+        parts = [n for n, b in FLAG_BITS.items() if self.must_set & b]
+        parts += [f"!{n}" for n, b in FLAG_BITS.items() if self.must_clear & b]
+        return ",".join(parts)
