@@ -285,7 +285,7 @@ class NftBackend(Backend):
             op: self._obj(
                 "element",
                 name=f"allow{grant.address.version}",
-                elem=self._elements(grant, ports, timeout_s, with_comment=(op == "add")),
+                elem=self._elements(grant, ports, timeout_s, with_comment=(op in ("add", "create"))),
             )
         }
 
@@ -295,6 +295,17 @@ class NftBackend(Backend):
         # grant manager deletes the element at the exact deadline; the kernel
         # timeout is the safety net, at most 1 s later.
         timeout_s = max(1, math.ceil(grant.deadline - self._clock()))
+        if previous is None:
+            # A first grant is usually new to the set: "create" fails if any
+            # element exists, and costs one netlink round trip without the
+            # delete that makes the kernel wait for freed objects (tens of ms
+            # through an nft process). If it exists (another door holds the
+            # port), fall through to the refresh below.
+            try:
+                self._nft.cmd({"nftables": [self._element_op("create", grant, grant.ports, timeout_s)]})
+                return
+            except FirewallError:
+                pass
         doc = []
         # add (a no-op when present), delete, add again: one transaction that
         # sets a fresh timeout whether or not the element existed, so a
