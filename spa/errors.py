@@ -30,6 +30,22 @@ class ConfigError(SpaError):
         super().__init__(f"{where}{message}")
 
 
+class ConfigInvalid(ConfigError):
+    """Every problem found in one configuration file, reported together.
+
+    ``errors`` holds each located ``ConfigError``; ``str()`` is one
+    ``path:line: message`` per line, in file order.
+    """
+
+    def __init__(self, errors: Sequence[ConfigError]):
+        self.errors = list(errors)
+        text = "\n".join(str(e) for e in self.errors) or "invalid configuration"
+        super().__init__(text)
+        first = self.errors[0] if self.errors else None
+        self.path = first.path if first is not None else None
+        self.line = first.line if first is not None else None
+
+
 class FirewallError(SpaError):
     """A firewall operation failed; carries exactly what was run and what it said."""
 

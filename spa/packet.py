@@ -1,0 +1,120 @@
+"""Raw IP headers to a ``Knock``: the capture's hot path, pure and allocation-light.
+
+Input starts at the network header: the capture reads AF_PACKET
+``SOCK_DGRAM`` sockets, which strip the link layer on every link type.
+Anything that is not a TCP or UDP packet we can read completely, is
+truncated, is malformed, or is a non-first fragment gives ``None``; no input
+makes ``parse_ip`` raise.
+"""
+
+from __future__ import annotations
+
+import struct
+from ipaddress import IPv4Address, IPv6Address
+
+from spa.knock import Knock
+
+__all__ = ["parse_ip", "MAX_IPV6_EXTENSION_HEADERS"]
+
+#: IPv6 extension headers walked before giving up (a knock has none in practice).
+MAX_IPV6_EXTENSION_HEADERS = 8
+
+_TCP, _UDP = 6, 17
+# IPv6 next-header values.
+_HOP_BY_HOP, _ROUTING, _FRAGMENT, _DEST_OPTS, _AH = 0, 43, 44, 60, 51
+_EXT_GENERIC = frozenset((_HOP_BY_HOP, _ROUTING, _DEST_OPTS))
+
+# version/IHL, (tos), total length, (id), flags/fragment offset, (ttl), protocol, (checksum), src, dst
+_IP4 = struct.Struct("!BxH2xHxB2xII")
+# (version/class/flow), payload length, next header, (hop limit), src, dst
+_IP6 = struct.Struct("!4xHBx16s16s")
+# sport, dport, seq, (ack), data offset, flags
+_TCP_HDR = struct.Struct("!HHI4xBB")
+_TCP_MIN = 20
+_UDP_HDR = struct.Struct("!HH")
+_UDP_MIN = 8
+_FRAG_OFFSET = struct.Struct("!H")
+
+# Address objects by packed value (int for IPv4, 16 bytes for IPv6): building
+# one costs about as much as the rest of the parse, and the destinations (our
+# own addresses) and the knocking sources repeat. Cleared when full, so a
+# flood of spoofed sources costs one clear per _CACHE_MAX packets, no growth.
+_CACHE_MAX = 4096
+_addresses: dict[int | bytes, IPv4Address | IPv6Address] = {}
+
+
+def parse_ip(data: bytes | bytearray | memoryview, time: float) -> Knock | None:
+    """The ``Knock`` in one raw IPv4 or IPv6 packet, or ``None``."""
+    n = len(data)
+    if n < 20:
+        return None
+    version = data[0] >> 4
+    if version == 4:
+        vihl, total, frag, proto, src, dst = _IP4.unpack_from(data)
+        ihl = (vihl & 0x0F) << 2
+        # The total length bounds the packet: bytes past it are link padding.
+        if ihl < 20 or total < ihl or total > n or frag & 0x1FFF:
+            return None
+        off, end = ihl, total
+    elif version == 6:
+        if n < 40:
+            return None
+        plen, proto, src6, dst6 = _IP6.unpack_from(data)
+        end = 40 + plen
+        # A zero payload length is a jumbogram (or garbage): never a knock.
+        if plen == 0 or end > n:
+            return None
+        off = 40
+        for _ in range(MAX_IPV6_EXTENSION_HEADERS):
+            if proto == _TCP or proto == _UDP:
+                break
+            if off + 8 > end:  # every extension header is at least 8 bytes
+                return None
+            if proto in _EXT_GENERIC:
+                nxt = data[off]
+                off += (data[off + 1] + 1) << 3
+            elif proto == _FRAGMENT:
+                if _FRAG_OFFSET.unpack_from(data, off + 2)[0] & 0xFFF8:
+                    return None
+                nxt = data[off]
+                off += 8
+            elif proto == _AH:
+                nxt = data[off]
+                off += (data[off + 1] + 2) << 2
+            else:  # ESP (50), no next header (59), ICMPv6, anything else
+                return None
+            proto = nxt
+        else:
+            if proto != _TCP and proto != _UDP:
+                return None
+        src, dst = src6, dst6
+    else:
+        return None
+
+    if proto == _TCP:
+        if off + _TCP_MIN > end:
+            return None
+        sport, dport, seq, doff, flags = _TCP_HDR.unpack_from(data, off)
+        if doff < 0x50:  # data offset (high nibble) below 5 words
+            return None
+        name = "tcp"
+    elif proto == _UDP:
+        if off + _UDP_MIN > end:
+            return None
+        sport, dport = _UDP_HDR.unpack_from(data, off)
+        name, flags, seq = "udp", 0, 0
+    else:
+        return None
+
+    cache = _addresses
+    src_addr = cache.get(src)
+    dst_addr = cache.get(dst)
+    if src_addr is None or dst_addr is None:
+        if len(cache) >= _CACHE_MAX - 1:
+            cache.clear()
+        cls = IPv4Address if version == 4 else IPv6Address
+        if src_addr is None:
+            src_addr = cache[src] = cls(src)
+        if dst_addr is None:
+            dst_addr = cache[dst] = cls(dst)
+    return Knock(src_addr, dst_addr, name, sport, dport, flags, seq, time)
