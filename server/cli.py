@@ -1,18 +1,18 @@
-"""``spa-server``: the daemon.
+"""``spa-server``: the daemon, with knockd's command line.
 
-This release runs the grant module: at start it builds the firewall
-structure and reconciles the journal (closing what went overdue while it was
-down, rescheduling the rest), then closes grants on their deadlines and
-repairs the firewall if it is flushed behind its back. SIGTERM or SIGINT: a
-clean stop that closes every grant and removes what it added.
+``spa-server -c /etc/knockd.conf -i eth0`` runs an unmodified knockd.conf.
+Flags mean what knockd's mean (``-i`` may be repeated or a comma list; the
+command line wins over the config file, where knockd lets ``LogFile`` and
+``PidFile`` override ``-g`` and ``-p``). A configuration with any error is
+refused before anything is touched: every error is printed with file and
+line, and the exit status is 2.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
+import os
 import sys
-import threading
 
 import click
 
@@ -21,45 +21,95 @@ from spa.cli_errors import handle_errors
 
 log = logging.getLogger("spa.server")
 
+DEFAULT_STATE_DIR = "/var/lib/spa"
+DEFAULT_PIDFILE = "/run/spa-server.pid"
+
+
+def _interfaces(values: tuple[str, ...]) -> tuple[str, ...]:
+    out: list[str] = []
+    for v in values:
+        out += [x for x in v.replace(",", " ").split() if x]
+    return tuple(out)
+
+
+def _daemonize() -> None:
+    """Detach as knockd -d does: background, new session, cwd /, standard streams to /dev/null."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version")
-@click.option("--backend", default="auto", show_default=True, help="Firewall backend: auto, nft or iptables.")
-@click.option("--state-dir", default="/var/lib/spa", show_default=True, type=click.Path(file_okay=False),
-              help="Directory for the grant journal.")
+@click.option("-i", "--interface", "interfaces", multiple=True, metavar="IF[,IF...]",
+              help="Interface(s) to sniff; repeat or give a comma list; 'any' for all (default: the config's, else any).")
+@click.option("-c", "--config", "config_path", default="/etc/knockd.conf", show_default=True,
+              help="knockd.conf-style configuration file.")
+@click.option("-d", "--daemon", "daemon", is_flag=True, help="Run in the background.")
+@click.option("-D", "--debug", is_flag=True, help="Log everything, including every firewall command and the capture filter.")
+@click.option("-v", "--verbose", is_flag=True, help="Print log messages on stdout.")
+@click.option("-l", "--lookup", is_flag=True, help="Show the host name of each knocker (looked up off the capture loop).")
+@click.option("-p", "--pidfile", default=None, help=f"PID file (default with -d: {DEFAULT_PIDFILE}).")
+@click.option("-g", "--logfile", default=None, help="Log file, in knockd's format.")
+@click.option("-4", "--only-ip-v4", "only_ipv4", is_flag=True, help="Ignore IPv6.")
+@click.option("--backend", default=None, help="Firewall backend for 'open =' doors: auto, nft or iptables (default: the config's Backend, else auto).")
+@click.option("--state-dir", default=None, type=click.Path(file_okay=False),
+              help=f"Grant journal directory (default: the config's StateDir, else {DEFAULT_STATE_DIR}).")
 @click.option("--repair-interval", type=float, default=10.0, show_default=True,
-              help="Seconds between checks that the firewall still holds our table and grants.")
-@click.option("-v", "--verbose", is_flag=True, help="Log to stdout.")
-@click.option("-D", "--debug", is_flag=True, help="Log everything, including each firewall command.")
+              help="Seconds between checks that the firewall still holds our rules.")
 @handle_errors
-def main(backend: str, state_dir: str, repair_interval: float, verbose: bool, debug: bool) -> None:
-    """Keep every port closed; open one for one address, for a while, when a client proves it may."""
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(name)s: %(message)s",
-        stream=sys.stdout,
-    )
+def main(interfaces, config_path, daemon, debug, verbose, lookup, pidfile, logfile, only_ipv4, backend, state_dir,
+         repair_interval) -> None:
+    """Keep every port closed; open one for one address, for a while, when a client knocks right."""
+    from spa.server import logs
+    from spa.server.daemon import Daemon, Runtime, Settings
     from spa.server.firewall import create_backend
     from spa.server.firewall.command import CommandBackend
     from spa.server.grants import GrantManager
     from spa.server.journal import Journal
 
-    native = create_backend(backend)
-    manager = GrantManager(Journal(state_dir), native, CommandBackend(), repair_interval=repair_interval)
-    stop = threading.Event()
-
-    def on_signal(signum, _frame):
-        log.info("signal %s: shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    manager.start()
-    log.info("started: backend %s, state in %s", native.name, state_dir)
-    while not stop.wait(3600):
-        pass
-    manager.stop(close_grants=True)
-    log.info("stopped; every grant closed")
+    settings = Settings(
+        config=config_path, interfaces=_interfaces(interfaces), only_ipv4=only_ipv4, lookup=lookup,
+        backend=backend, state_dir=state_dir, repair_interval=repair_interval,
+    )
+    runtime = Runtime.load(config_path)  # every error, with file and line, before anything is touched
+    opts = runtime.config.options
+    native = None
+    if runtime.needs_native or backend is not None:
+        native = create_backend(backend or opts.backend or "auto")
+    if daemon:
+        _daemonize()
+    logs.configure(logfile=logfile or opts.logfile, use_syslog=opts.use_syslog, verbose=verbose, debug=debug)
+    for w in runtime.config.warnings:
+        log.warning("%s", w)
+    pid_path = pidfile or opts.pidfile or (DEFAULT_PIDFILE if daemon else None)
+    if pid_path:
+        with open(pid_path, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    manager = GrantManager(Journal(state_dir or opts.state_dir or DEFAULT_STATE_DIR), native, CommandBackend(),
+                           repair_interval=repair_interval)
+    d = Daemon(settings, runtime, manager)
+    try:
+        manager.start()
+        d.install_signals()
+        d.start()
+        d.run()
+    finally:
+        d.close()
+        manager.stop(close_grants=True)
+        if pid_path:
+            try:
+                os.unlink(pid_path)
+            except FileNotFoundError:
+                pass
+    sys.exit(0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,15 +2,15 @@
 
 It builds a server and a client namespace, puts the seed article's
 default-deny firewall (iptables INPUT policy DROP) in the server, starts
-``spa-server`` there and a service on port 22, and shows that port going
-closed -> open -> closed from the client. Each way in adds its step here as
-it lands; this release opens through the grant module (``spa grant``), the
-act every way in ends with.
+``spa-server`` there with the bundled configuration below and a service on
+tcp/22, and shows that port going closed -> open -> closed from the client,
+once for each way in. Each way in adds its step here as it lands.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,7 +18,31 @@ import time
 
 import click
 
-from spa.server.netns import CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, Lab, in_netns
+from spa.server.netns import CLIENT2_V4, SERVER_V4, SERVER_V6, Lab, in_netns
+
+#: The bundled configuration: knockd.conf syntax, one door per way in.
+DEMO_CONFIG = """\
+# spa demo: knockd.conf syntax, read as knockd reads it
+[options]
+    logfile = {logfile}
+
+# A classic knock sequence; the firewall is opened natively (nftables), no shell.
+[openSSH]
+    sequence    = 7000,8000:udp,9000
+    seq_timeout = 5
+    tcpflags    = syn
+    open        = 22/tcp
+    cmd_timeout = {duration}
+
+# The seed article's door, verbatim but for the timeout: knockd's own commands.
+[opencloseSSH]
+    sequence      = 2222:udp,3333:tcp,4444:udp
+    seq_timeout   = 15
+    tcpflags      = syn
+    start_command = /usr/sbin/iptables -A INPUT -s %IP% -p tcp --syn --dport 22 -j ACCEPT
+    cmd_timeout   = {duration}
+    stop_command  = /usr/sbin/iptables -D INPUT -s %IP% -p tcp --syn --dport 22 -j ACCEPT
+"""
 
 
 class DemoFailed(Exception):
@@ -40,53 +64,70 @@ def _state(is_open: bool) -> str:
     return click.style("open", fg="green") if is_open else click.style("filtered", fg="yellow")
 
 
-def run_demo(duration: float = 3.0) -> int:
+def _door(lab: Lab, title: str, label: str, knock_argv: list[str], server: str, duration: float) -> None:
+    click.echo(click.style(f"\n  {title}", bold=True))
+    before = lab.probe(server)
+    _expect(not before, f"client -> {server} tcp/22: {_state(before)}")
+    proc = subprocess.run(["ip", "netns", "exec", lab.client, *knock_argv], capture_output=True, text=True, timeout=30)
+    _expect(proc.returncode == 0, f"client: {label}")
+    t0 = time.monotonic()
+    opened = lab.wait_for(True, server, limit=2)
+    _expect(opened is not None, f"client -> {server} tcp/22: {_state(opened is not None)} {opened * 1000 if opened else 0:.0f} ms after the last knock")
+    if server == SERVER_V4:
+        other = lab.probe(server, source=CLIENT2_V4)
+        _expect(not other, f"from another address ({CLIENT2_V4}): {_state(other)}")
+    closed = lab.wait_for(False, server, limit=duration + 3)
+    _expect(closed is not None, f"closed again {time.monotonic() - t0:.1f} s later (cmd_timeout = {duration:g}): {_state(False)}")
+
+
+def run_demo(duration: float = 2.0) -> int:
     if os.geteuid() != 0:
         click.echo("spa demo: needs root (it builds network namespaces and firewalls)", err=True)
         return 2
     py = sys.executable
-    click.echo(click.style("spa demo", bold=True) + ": a default-deny server, a client, and one door\n")
-    with Lab(tag="demo") as lab, tempfile.TemporaryDirectory(prefix="spa-demo-") as state:
+    click.echo(click.style("spa demo", bold=True) + ": a default-deny server, a client, and its doors")
+    with Lab(tag="demo") as lab, tempfile.TemporaryDirectory(prefix="spa-demo-") as tmp:
         server = None
+        config = os.path.join(tmp, "knockd.conf")
+        with open(config, "w") as f:
+            f.write(DEMO_CONFIG.format(logfile=os.path.join(tmp, "spa.log"), duration=f"{duration:g}"))
         try:
             lab.default_deny("iptables-nft")
             lab.listen(22)
             _say(None, f"server {SERVER_V4} / {SERVER_V6}: iptables INPUT policy DROP, a service on tcp/22")
             server = lab.exec_server(
-                [py, "-m", "spa.server.cli", "--backend", "nft", "--state-dir", state, "--repair-interval", "1"],
+                [py, "-m", "spa.server.cli", "-c", config, "-i", "veth0", "--state-dir", os.path.join(tmp, "state")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             )
-            time.sleep(0.5)
-            _expect(server.poll() is None, "spa-server running in the server namespace (no listening socket)")
-            before = (lab.probe(SERVER_V4), lab.probe(SERVER_V6))
-            _expect(not any(before), f"client -> tcp/22 before: IPv4 {_state(before[0])}, IPv6 {_state(before[1])}")
-            for client in (CLIENT_V4, CLIENT_V6):
-                proc = subprocess.run(
-                    ["ip", "netns", "exec", lab.server, py, "-m", "spa.cli", "grant", "--backend", "nft",
-                     "--state-dir", state, "--door", "ssh", "--address", client, "--port", "22/tcp",
-                     "--duration", str(duration)],
-                    capture_output=True, text=True,
-                )
-                _expect(proc.returncode == 0, f"grant door 'ssh' to {client} for {duration:g}s: {proc.stdout.strip() or proc.stderr.strip()}")
-            t0 = time.monotonic()
-            after = (lab.probe(SERVER_V4), lab.probe(SERVER_V6))
-            _expect(all(after), f"client -> tcp/22 now: IPv4 {_state(after[0])}, IPv6 {_state(after[1])}")
-            other = lab.probe(SERVER_V4, source="192.0.2.3")
-            _expect(not other, f"from another client address (192.0.2.3): {_state(other)}")
-            closed_after = lab.wait_for(False, SERVER_V4, limit=duration + 3)
-            _expect(closed_after is not None, f"closed again {time.monotonic() - t0:.1f}s after opening: {_state(False)}")
+            time.sleep(1.0)
+            _expect(server.poll() is None, "spa-server sniffing veth0 in the server namespace (no listening socket)")
+            client = [py, "-m", "spa.client.cli"]
+            for server_addr, title in ((SERVER_V4, "classic knock, opened by nftables (door openSSH, knock-client)"),
+                                       (SERVER_V6, "the same door over IPv6")):
+                _door(lab, title, f"knock-client {server_addr} 7000 8000:udp 9000",
+                      [*client, server_addr, "7000", "8000:udp", "9000"], server_addr, duration)
+            knock = shutil.which("knock")
+            if knock:
+                _door(lab, "the seed article's door with knockd's own commands (the real knock client)",
+                      f"knock {SERVER_V4} 2222:udp 3333:tcp 4444:udp", [knock, SERVER_V4, "2222:udp", "3333:tcp", "4444:udp"], SERVER_V4, duration)
+            else:
+                _say(None, "(the real knock client is not installed: apt-get install knockd to see the seed's door)")
             server.terminate()
-            server.wait(10)
+            _expect(server.wait(10) == 0, "spa-server stopped cleanly (SIGTERM)")
             with in_netns(lab.server):
                 left = subprocess.run(["nft", "list", "table", "inet", "spa"], capture_output=True).returncode
-            _expect(left != 0, "spa-server stopped cleanly and removed its nftables table")
+            _expect(left != 0, "and removed everything it had added to the firewall")
         except DemoFailed:
             click.echo(click.style("\ndemo failed", fg="red", bold=True))
-            if server is not None and server.poll() is not None and server.stderr is not None:
-                click.echo(server.stderr.read().decode(errors="replace"), err=True)
+            if server is not None:
+                if server.poll() is None:
+                    server.terminate()
+                    server.wait(10)
+                if server.stderr is not None:
+                    click.echo(server.stderr.read().decode(errors="replace"), err=True)
             return 1
         finally:
             if server is not None and server.poll() is None:
                 server.kill()
-    click.echo(click.style("\ndemo passed", fg="green", bold=True) + ": closed -> open -> closed, for one address only")
+    click.echo(click.style("\ndemo passed", fg="green", bold=True) + ": every door closed -> open -> closed, for the knocking address only")
     return 0

@@ -140,8 +140,11 @@ class Lab:
                 sh("ip", "link", "set", "lo", "up", ns=ns)
                 for a in v4s:
                     sh("ip", "addr", "add", f"{a}/24", "dev", "veth0", ns=ns)
-                for a in v6s:
-                    sh("ip", "addr", "add", f"{a}/64", "dev", "veth0", "nodad", ns=ns)
+                for i, a in enumerate(v6s):
+                    # Extra addresses are deprecated so the kernel never picks
+                    # them as a source by itself: a test binds them on purpose.
+                    extra = ["preferred_lft", "0"] if i else []
+                    sh("ip", "addr", "add", f"{a}/64", "dev", "veth0", "nodad", *extra, ns=ns)
                 sh("ip", "link", "set", "veth0", "up", ns=ns)
         except BaseException:
             self.close()
@@ -223,10 +226,11 @@ class Lab:
         """Poll until the port is open (or closed); seconds waited, or None when ``limit`` passed."""
         start = time.monotonic()
         while time.monotonic() - start < limit:
-            if self.probe(address, port, timeout=0.2, source=source) == want_open:
+            # Waiting for "open": short probes, so the answer is ms-accurate (a
+            # SYN-ACK over a veth takes microseconds). Waiting for "closed": a
+            # probe must time out to say so; 0.2 s is ample for a live port.
+            if self.probe(address, port, timeout=0.03 if want_open else 0.2, source=source) == want_open:
                 return time.monotonic() - start
-            if want_open:
-                time.sleep(0.02)
         return None
 
     def exec_server(self, argv: Sequence[str], **kw) -> subprocess.Popen:

@@ -43,15 +43,30 @@ class OneTimeSequences:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def take(self) -> tuple[int, tuple[PortSpec, ...] | None]:
+        """Retire the current sequence in memory: (its line number, the next sequence or None).
+
+        Cheap, for the capture loop; ``mark_used`` then records it on disk.
+        """
+        if not self._entries:
+            raise LookupError("no one-time sequence left")
+        line_no, _ = self._entries.pop(0)
+        return line_no, self.current
+
+    def mark_used(self, line_no: int) -> None:
+        """Comment out line ``line_no`` in the file, atomically and durably."""
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        if not lines[line_no - 1].lstrip().startswith("#"):
+            lines[line_no - 1] = "#" + lines[line_no - 1]
+            self._write("".join(lines))
+
     def consume(self) -> tuple[PortSpec, ...] | None:
         """Mark the current sequence used, durably; return the next one (None: exhausted)."""
         if not self._entries:
             return None
-        line_no, _ = self._entries.pop(0)
-        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        lines[line_no - 1] = "#" + lines[line_no - 1]
-        self._write("".join(lines))
-        return self.current
+        line_no, nxt = self.take()
+        self.mark_used(line_no)
+        return nxt
 
     def _write(self, text: str) -> None:
         st = self.path.stat()

@@ -111,7 +111,7 @@ def grant_cmd(backend: str, state_dir: str, door: str, address: str, ports: tupl
 
 
 @main.command()
-@click.option("--duration", type=float, default=3.0, show_default=True, help="How long the demo's grant lasts.")
+@click.option("--duration", type=float, default=2.0, show_default=True, help="cmd_timeout of the demo doors, in seconds.")
 @handle_errors
 def demo(duration: float) -> None:
     """Build two network namespaces and show a protected port going closed -> open -> closed (root)."""

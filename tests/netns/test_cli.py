@@ -71,6 +71,8 @@ def test_bad_input_names_the_problem_and_leaves_the_firewall_alone(lab, tmp_path
 
 def test_server_rejects_unknown_backend(lab, tmp_path):
     before = ruleset(lab)
-    r = spa(lab, "--backend", "pf", "--state-dir", str(tmp_path), module="spa.server.cli")
+    config = tmp_path / "empty.conf"
+    config.write_text("[options]\n")
+    r = spa(lab, "-c", str(config), "--backend", "pf", "--state-dir", str(tmp_path), module="spa.server.cli")
     assert r.returncode == 3 and "unknown firewall backend 'pf'" in r.stderr
     assert ruleset(lab) == before

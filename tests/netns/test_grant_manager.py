@@ -131,7 +131,10 @@ def _start_holder(lab, backend, state, client, duration, commands=()):
 
 
 def _start_server(lab, backend, state):
-    args = ["--backend", "nft" if backend == "nft" else "iptables", "--state-dir", str(state), "--repair-interval", "1"]
+    config = state.parent / "empty.conf"
+    config.write_text("[options]\n")
+    args = ["-c", str(config), "-i", "veth0", "--backend", "nft" if backend == "nft" else "iptables",
+            "--state-dir", str(state), "--repair-interval", "1"]
     return lab.exec_server([sys.executable, "-m", "spa.server.cli", "-v", *args],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
 

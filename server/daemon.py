@@ -1,0 +1,331 @@
+"""The knock daemon: capture, match, grant. One thread for packets, one for the firewall.
+
+The capture loop reads filtered packet sockets, parses headers with
+``struct`` (``spa.packet``), feeds the matcher and hands completed knocks to
+the grant manager's queue. It never blocks on anything else: firewall work,
+stop commands, the journal and one-time-sequence files are handled by the
+manager's worker and a small worker of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from spa.config import Config, Door, load_config
+from spa.errors import ConfigError, SpaError
+from spa.grant import Address, CommandAction, Grant
+from spa.knock import Knock
+from spa.matcher import MatchDoor, MatchEvent, Matcher
+from spa.packet import parse_ip
+from spa.filter import knock_filter
+from spa.server import netlink
+from spa.server.bpf import DROP_ALL, FilterError, compile_filter
+from spa.server.capture import ANY, Capture
+from spa.server.grants import GrantManager
+from spa.server.logs import Names, events
+from spa.server.onetime import OneTimeSequences
+
+log = logging.getLogger("spa.server")
+
+#: A door with a start command and no stop command fires on every knock, as
+#: in knockd (the seed's open and close doors rely on it): its grant is held
+#: only this long, so knocking again runs the start command again.
+ONE_SHOT = 0.001
+#: How often attempts are swept for timeouts and interfaces retried.
+TICK = 1.0
+
+
+@dataclass
+class Settings:
+    """What the command line decides (the config file fills what it leaves open)."""
+
+    config: str = "/etc/knockd.conf"
+    interfaces: tuple[str, ...] = ()
+    only_ipv4: bool = False
+    lookup: bool = False
+    backend: str | None = None
+    state_dir: str | None = None
+    repair_interval: float = 10.0
+    max_attempts: int = 65536
+
+
+@dataclass
+class Runtime:
+    """A loaded configuration with its one-time sequence files: what a reload swaps in whole."""
+
+    config: Config
+    doors: dict[str, Door]
+    onetime: dict[str, OneTimeSequences] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str) -> Runtime:
+        config = load_config(path)
+        onetime = {}
+        for d in config.doors:
+            if d.one_time_sequences is not None:
+                p = d.one_time_sequences
+                if not os.path.isabs(p):
+                    p = os.path.join(os.path.dirname(os.path.abspath(path)), p)
+                onetime[d.name] = OneTimeSequences(p)
+        return cls(config, {d.name: d for d in config.doors}, onetime)
+
+    def match_doors(self) -> list[MatchDoor]:
+        out = []
+        for d in self.doors.values():
+            if d.name in self.onetime:
+                seq = self.onetime[d.name].current
+                if seq is None:
+                    continue  # every sequence used: the door is disabled
+                out.append(MatchDoor.of(d, seq))
+            else:
+                out.append(MatchDoor.of(d))
+        return out
+
+    @property
+    def needs_native(self) -> bool:
+        return any(d.open for d in self.doors.values())
+
+
+def door_grant(door: Door, address: Address) -> Grant | None:
+    """What a completed knock on ``door`` from ``address`` opens, or None when it opens nothing."""
+    if door.open:
+        return Grant(door.name, address, door.open, door.cmd_timeout)
+    action = CommandAction(door.start_command, door.stop_command, door.start_command_6, door.stop_command_6)
+    start, stop = action.commands_for(address)
+    if start is None:
+        return None  # knockd never runs a stop command without a start command
+    return Grant(door.name, address, (), door.cmd_timeout if stop else ONE_SHOT, action)
+
+
+class Daemon:
+    def __init__(self, settings: Settings, runtime: Runtime, manager: GrantManager):
+        self.settings = settings
+        self.runtime = runtime
+        self.manager = manager
+        self.names = Names(settings.lookup)
+        self.matcher = Matcher(runtime.match_doors(), max_attempts=settings.max_attempts)
+        self.capture: Capture | None = None
+        self.monitor: netlink.Monitor | None = None
+        self.selector = selectors.DefaultSelector()
+        self._registered: set[socket.socket] = set()
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spa-onetime")
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._signals: list[int] = []
+        self.stats: dict[str, int] = {"malformed": 0, "knocks": 0, "opens": 0, "reloads": 0}
+        self.filter_expression: str | None = None
+
+    # -- set-up ------------------------------------------------------------------
+
+    @property
+    def interfaces(self) -> tuple[str, ...]:
+        return self.settings.interfaces or self.runtime.config.options.interfaces or (ANY,)
+
+    def start(self) -> None:
+        self.monitor = netlink.Monitor()
+        self.capture = Capture(self.interfaces, ipv6=not self.settings.only_ipv4)
+        self.refresh_addresses()
+        self.selector.register(self.monitor, selectors.EVENT_READ, "netlink")
+        self.selector.register(self._wake_r, selectors.EVENT_READ, "signal")
+        self._sync_sockets()
+        events.info("starting up, listening on %s", ",".join(self.interfaces))
+
+    def local_addresses(self) -> set[Address]:
+        by_name = netlink.addresses()
+        wanted = self.interfaces
+        addrs: set[Address] = set()
+        for name, values in by_name.items():
+            if ANY in wanted or name in wanted:
+                addrs.update(a for a in values if not (self.settings.only_ipv4 and a.version == 6))
+        return addrs
+
+    def refresh_addresses(self) -> None:
+        """Re-read this host's addresses and rebuild the kernel filter (addresses changed, doors changed)."""
+        try:
+            local = self.local_addresses()
+        except OSError as exc:
+            log.warning("cannot read interface addresses: %s", exc)
+            return
+        self.matcher.local_addresses = frozenset(local)
+        targets = {d.target for d in self.matcher.doors if d.target is not None}
+        steps = set()
+        for d in self.matcher.doors:
+            for s in d.sequence:
+                steps.add((s.proto, s.port, d.tcpflags))
+        expr = knock_filter(local | targets, steps)
+        if expr != self.filter_expression:
+            try:
+                insns = compile_filter(expr) if expr is not None else DROP_ALL
+                assert self.capture is not None
+                self.capture.set_filter(insns)
+            except FilterError as exc:
+                log.error("cannot install the capture filter (%s); keeping the previous one", exc)
+                return
+            log.debug("capture filter: %s", expr)
+            self.filter_expression = expr
+
+    def _sync_sockets(self) -> None:
+        assert self.capture is not None
+        now = set(self.capture.sockets())
+        for s in self._registered - now:
+            try:
+                self.selector.unregister(s)
+            except (KeyError, ValueError):
+                pass
+        for s in now - self._registered:
+            self.selector.register(s, selectors.EVENT_READ, "packet")
+        self._registered = now
+
+    # -- signals -------------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, _frame) -> None:
+        self._signals.append(signum)
+
+    # -- the loop --------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Until SIGTERM or SIGINT."""
+        next_tick = time.monotonic() + TICK
+        while True:
+            timeout = max(0.0, next_tick - time.monotonic())
+            for key, _mask in self.selector.select(timeout):
+                kind = key.data
+                if kind == "packet":
+                    self._read(key.fileobj)  # type: ignore[arg-type]
+                elif kind == "netlink":
+                    assert self.monitor is not None and self.capture is not None
+                    if self.monitor.drain():
+                        self.capture.refresh()
+                        self._sync_sockets()
+                        self.refresh_addresses()
+                elif kind == "signal":
+                    try:
+                        while self._wake_r.recv(64):
+                            pass
+                    except BlockingIOError:
+                        pass
+            while self._signals:
+                sig = self._signals.pop(0)
+                if sig == signal.SIGHUP:
+                    self.reload()
+                else:
+                    events.info("shutting down")
+                    return
+            if time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + TICK
+                self._tick()
+
+    def _tick(self) -> None:
+        for e in self.matcher.expire(time.monotonic()):
+            self._log_event(e)
+        assert self.capture is not None
+        if self.capture.refresh():
+            self._sync_sockets()
+
+    def _read(self, sock: socket.socket) -> None:
+        assert self.capture is not None
+        packets = self.capture.read(sock)
+        if not packets and sock not in self.capture.sockets():
+            self._sync_sockets()
+            return
+        for data, ts in packets:
+            k = parse_ip(data, ts)
+            if k is None:
+                self.stats["malformed"] += 1
+                continue
+            self.stats["knocks"] += 1
+            for e in self.matcher.feed(k):
+                self._log_event(e)
+                if e.kind == "open":
+                    self._opened(e, k)
+
+    def _log_event(self, e: MatchEvent) -> None:
+        who = self.names(e.source)
+        if e.kind == "stage":
+            events.info("%s: %s: Stage %d", who, e.door, e.stage)
+        elif e.kind == "open":
+            events.info("%s: %s: OPEN SESAME", who, e.door)
+        elif e.kind == "timeout":
+            events.info("%s: %s: sequence timeout (stage %d)", who, e.door, e.stage)
+        else:
+            log.debug("%s: %s: sequence reset at stage %d", who, e.door, e.stage)
+
+    def _opened(self, e: MatchEvent, k: Knock) -> None:
+        door = self.runtime.doors.get(e.door)
+        if door is None:
+            return
+        self.stats["opens"] += 1
+        grant = door_grant(door, e.source)
+        onetime = self.runtime.onetime.get(door.name)
+        if onetime is not None:
+            # The used sequence stops matching now; the file is rewritten off
+            # the capture loop, and the grant goes out once that is on disk.
+            line_no, nxt = onetime.take()
+            doors = [d for d in self.matcher.doors if d.name != door.name]
+            if nxt is not None:
+                doors.append(MatchDoor.of(door, nxt))
+            self.matcher.set_doors(doors)
+            self.refresh_addresses()
+            self._io.submit(self._mark_used, door, onetime, line_no, nxt, grant)
+            return
+        if grant is not None:
+            self.manager.submit(grant)
+
+    def _mark_used(self, door: Door, onetime: OneTimeSequences, line_no: int, nxt, grant: Grant | None) -> None:
+        try:
+            onetime.mark_used(line_no)
+        except OSError as exc:
+            log.error("door %s: cannot mark the used one-time sequence in %s: %s", door.name, onetime.path, exc)
+        if nxt is None:
+            events.info("no more sequences left in the one time sequences file for door %s --> disabling the door", door.name)
+        else:
+            events.info("new sequence for door %s: %s", door.name, ",".join(f"{s.port}:{s.proto}" for s in nxt))
+        if grant is not None:
+            self.manager.submit(grant)
+
+    # -- reload and stop ----------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """SIGHUP: parse and check the whole file, then swap it in; on any error keep running the old one."""
+        path = self.settings.config
+        events.info("re-reading config file: %s", path)
+        try:
+            new = Runtime.load(path)
+            if new.needs_native and self.manager.native is None:
+                from spa.server.firewall import create_backend
+
+                native = create_backend(self.settings.backend or new.config.options.backend or "auto")
+                native.setup()
+                self.manager.native = native
+        except (ConfigError, SpaError) as exc:
+            log.error("new configuration rejected, the old one keeps running:\n%s", exc)
+            return False
+        for w in new.config.warnings:
+            log.warning("%s", w)
+        self.runtime = new
+        self.matcher.set_doors(new.match_doors())
+        self.refresh_addresses()
+        self.stats["reloads"] += 1
+        return True
+
+    def close(self) -> None:
+        if self.capture is not None:
+            self.capture.close()
+        if self.monitor is not None:
+            self.monitor.close()
+        self._io.shutdown(wait=True)
+        signal.set_wakeup_fd(-1)
+        self.selector.close()
