@@ -136,7 +136,8 @@ class Capture:
         self._rcvbuf = rcvbuf
         self._snaplen = snaplen
         self._drop_otherhost = drop_otherhost
-        self._insns: list[Insn] = self._program(filter)
+        # A program the kernel rejects is a configuration error: raise FilterError now, not on every reopen.
+        self._insns: list[Insn] = self._checked(filter)
         self._ifaces = {name: _Iface(name) for name in names}
         # socket -> (interface, receive buffer, view of it)
         self._by_sock: dict[socket.socket, tuple[_Iface, bytearray, memoryview]] = {}
@@ -149,17 +150,19 @@ class Capture:
 
     # -- filter ----------------------------------------------------------------
 
-    def _program(self, insns: Sequence[Insn]) -> list[Insn]:
-        return guard(insns) if self._drop_otherhost else list(insns)
+    def _checked(self, insns: Sequence[Insn]) -> list[Insn]:
+        """The program as attached (guarded), after the kernel accepted it on a socket that receives nothing."""
+        program = guard(insns) if self._drop_otherhost else list(insns)
+        with socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0) as probe:
+            attach_filter(probe, program)  # protocol 0, unbound: no packet ever reaches it
+        return program
 
     def set_filter(self, insns: Sequence[Insn]) -> None:
         """Replace the filter on every socket (atomically per socket) and on sockets opened later.
 
         Raises ``FilterError`` (and changes nothing) when the kernel rejects the program.
         """
-        program = self._program(insns)
-        with socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0) as probe:
-            attach_filter(probe, program)  # protocol 0, unbound: receives nothing
+        program = self._checked(insns)
         self._insns = program
         for iface in list(self._ifaces.values()):
             for s in list(iface.socks):

@@ -215,6 +215,8 @@ def test_set_filter_rejects_a_bad_program_and_keeps_the_old(lab):
             cap.set_filter([(0x06, 0, 0, 0)] * 5000)  # over BPF_MAXINSNS
         with pytest.raises(FilterError):
             cap.set_filter([(0x15, 5, 5, 0)])  # jumps out of the program, no return
+        with pytest.raises(FilterError):
+            Capture(["veth0"], filter=[(0x15, 5, 5, 0)])
         c4 = client_udp(lab)
         c4.sendto(b"still", (SERVER_V4, 7000))
         assert has(b"still")(collect(cap, has(b"still")))
