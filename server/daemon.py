@@ -241,12 +241,17 @@ class Daemon:
         if not packets and sock not in self.capture.sockets():
             self._sync_sockets()
             return
+        debug = log.isEnabledFor(logging.DEBUG)
         for data, ts in packets:
             k = parse_ip(data, ts)
             if k is None:
                 self.stats["malformed"] += 1
                 continue
             self.stats["knocks"] += 1
+            if debug:
+                # knockd -D's packet line, with the right month (knockd prints it one too low).
+                log.debug("%s: %s: %s:%d -> %s:%d %d bytes", time.strftime("%Y-%m-%d %H:%M:%S"), k.proto,
+                          k.src, k.sport, k.dst, k.dport, len(data))
             for e in self.matcher.feed(k):
                 self._log_event(e)
                 if e.kind == "open":

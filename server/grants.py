@@ -27,6 +27,7 @@ from spa.grant import ActiveGrant, Address, Grant, regrant
 from spa.server.firewall.base import Backend
 from spa.server.firewall.command import CommandBackend
 from spa.server.journal import Journal, JournalEntry
+from spa.server.logs import events
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,8 @@ class GrantManager:
     def _close(self, g: ActiveGrant, backend_name: str, reason: str) -> bool:
         """Close one journaled grant; the caller has claimed it or owns the journal (start-up, shutdown)."""
         self.journal.claim_close(g.door, g.address)  # marks it; already marked when the caller claimed it
+        if g.commands is not None and reason == "deadline":
+            events.info("%s: %s: command timeout", g.address, g.door)  # knockd's line before the stop command
         backend = self._backend_named(backend_name)
         try:
             if backend is None:
