@@ -87,7 +87,7 @@ def main(interfaces, config_path, daemon, debug, verbose, lookup, pidfile, logfi
     if daemon:
         _daemonize()
     logs.configure(logfile=logfile or opts.logfile, use_syslog=opts.use_syslog, verbose=verbose, debug=debug)
-    for w in runtime.config.warnings:
+    for w in runtime.warnings:
         log.warning("%s", w)
     pid_path = pidfile or opts.pidfile or (DEFAULT_PIDFILE if daemon else None)
     if pid_path:

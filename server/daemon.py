@@ -89,6 +89,15 @@ class Runtime:
         return out
 
     @property
+    def warnings(self) -> list[str]:
+        """The config file's warnings, and doors disabled because every one-time sequence is used."""
+        out = list(self.config.warnings)
+        for name, otp in self.onetime.items():
+            if otp.current is None:
+                out.append(f"{otp.path}: every one-time sequence of door {name} is used; the door is disabled")
+        return out
+
+    @property
     def needs_native(self) -> bool:
         return any(d.open for d in self.doors.values())
 
@@ -318,7 +327,7 @@ class Daemon:
         except (ConfigError, SpaError) as exc:
             log.error("new configuration rejected, the old one keeps running:\n%s", exc)
             return False
-        for w in new.config.warnings:
+        for w in new.warnings:
             log.warning("%s", w)
         self.runtime = new
         self.matcher.set_doors(new.match_doors())
