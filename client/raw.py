@@ -1,0 +1,140 @@
+"""Raw TCP knocks with chosen flags: ``knock-client --tcpflags fin,urg``.
+
+knockd doors can demand TCP flags (``tcpflags = fin,!ack``) that no
+``connect()`` will ever send; this module builds one IP/TCP packet per TCP
+knock with exactly the requested flags set and sends it with scapy. UDP
+knocks stay plain datagrams (``spa.client.knock.send_knock``).
+
+The cli imports this module only when ``--tcpflags`` is given, and this
+module imports scapy only when a raw packet is about to be sent, after the
+flags, the targets and root have been checked: ``import scapy`` costs
+hundreds of milliseconds, a usage error should not. Only the submodules
+needed are imported (``scapy.layers.inet``, ``scapy.layers.inet6``,
+``scapy.sendrecv``), not ``scapy.all``, which costs about three times as
+much. scapy reads the kernel's routing tables (``conf.route``,
+``conf.route6``) when it is imported, so the import happens in the
+process's own network namespace, which is what a client started by
+``ip netns exec`` wants.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+from collections.abc import Callable, Sequence
+
+from spa.client.knock import KnockError, KnockTarget, resolve, send_knock
+from spa.knock import FLAG_BITS
+
+ROOT_NEEDED = "--tcpflags needs root (raw sockets)"
+
+#: Linux's default ``net.ipv4.ip_local_port_range``, used when it cannot be read.
+_DEFAULT_EPHEMERAL = (32768, 60999)
+
+
+def parse_flags(text: str) -> int:
+    """The flags to set, as knockd names them: ``fin,urg`` -> 0x21.
+
+    Comma separated, spaces allowed around names, case-insensitive, repeats
+    harmless. No ``!``: these are the flags the packet carries, not a filter.
+    Raises ``ValueError`` with a message fit for a usage error.
+    """
+    names = ", ".join(FLAG_BITS)
+    if not text.strip():
+        raise ValueError(f"needs at least one TCP flag ({names})")
+    bits = 0
+    for item in text.split(","):
+        word = item.strip()
+        if not word:
+            raise ValueError(f"empty entry in {text!r} (a comma too many)")
+        if word.startswith("!"):
+            raise ValueError(f"{word!r}: no '!' here, list the flags to set ({names})")
+        bit = FLAG_BITS.get(word.lower())
+        if bit is None:
+            raise ValueError(f"unknown TCP flag {word!r} (known: {names})")
+        bits |= bit
+    return bits
+
+
+def flag_names(bits: int) -> str:
+    """``0x21`` -> ``fin,urg`` (knockd's order: fin, syn, rst, psh, ack, urg)."""
+    return ",".join(name for name, bit in FLAG_BITS.items() if bits & bit)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise KnockError(ROOT_NEEDED)
+
+
+def ephemeral_port(rng: random.Random) -> int:
+    """A random source port from the kernel's ephemeral range, as a connect() would get."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(v) for v in f.read().split())
+        if not 1 <= low <= high <= 65535:
+            raise ValueError
+    except (OSError, ValueError):
+        low, high = _DEFAULT_EPHEMERAL
+    return rng.randint(low, high)
+
+
+class _Sender:
+    """scapy, imported on first use, and the packets it builds."""
+
+    def __init__(self) -> None:
+        from scapy.layers.inet import IP, TCP
+        from scapy.layers.inet6 import IPv6
+        from scapy.sendrecv import send
+
+        self._ip, self._ipv6, self._tcp, self._send = IP, IPv6, TCP, send
+
+    def packet(self, family: int, address: str, dport: int, flags: int, sport: int, seq: int):
+        l3 = self._ipv6(dst=address) if family == socket.AF_INET6 else self._ip(dst=address)
+        return l3 / self._tcp(sport=sport, dport=dport, flags=flags, seq=seq)
+
+    def send(self, pkt) -> None:
+        self._send(pkt, verbose=False)
+
+
+def knock_raw(
+    host: str,
+    targets: Sequence[KnockTarget],
+    flags: int,
+    *,
+    family: int = socket.AF_UNSPEC,
+    delay_ms: int = 0,
+    verbose: Callable[[str], None] | None = None,
+    rng: random.Random | None = None,
+) -> None:
+    """Knock every target in order, TCP knocks as one raw packet with exactly ``flags`` set.
+
+    As ``spa.client.knock.knock``: the host is resolved once per knock, each
+    knock is sent once (no retransmission), ``delay_ms`` after each one.
+    """
+    rng = rng or random.SystemRandom()
+    sender: _Sender | None = None
+    if any(t.proto == "tcp" for t in targets):
+        require_root()
+    names = flag_names(flags)
+    for t in targets:
+        fam, addr = resolve(host, family)
+        if t.proto == "udp":
+            if verbose is not None:
+                verbose(f"hitting udp {addr}:{t.port}")
+            send_knock(fam, addr, t)
+        else:
+            if verbose is not None:
+                verbose(f"hitting tcp {addr}:{t.port} ({names})")
+            if sender is None:
+                sender = _Sender()
+            pkt = sender.packet(fam, addr, t.port, flags, ephemeral_port(rng), rng.getrandbits(32))
+            try:
+                sender.send(pkt)
+            except PermissionError:
+                raise KnockError(ROOT_NEEDED) from None
+            except OSError as exc:
+                raise KnockError(f"cannot knock tcp {addr}:{t.port}: {exc.strerror or exc}") from None
+        if delay_ms > 0:
+            time.sleep(delay_ms / 1000.0)
