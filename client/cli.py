@@ -1,8 +1,11 @@
 """``knock-client``: knock's command line (``knock-client HOST PORT[:PROTO] ...``).
 
 Flags as in knock: ``-u/--udp``, ``-d/--delay MS``, ``-v/--verbose``,
-``-4``, ``-6``. Unlike knock it exits non-zero when a name does not resolve
-or a knock cannot be sent. Signed and rotating knocks (``--key``) come with
+``-4``, ``-6``; and ``--tcpflags fin,urg,...``, which knock lacks: TCP
+knocks then go out as raw packets with exactly those flags set (root
+needed; ``spa.client.raw``, and scapy with it, is imported only then).
+Unlike knock it exits non-zero when a name does not resolve or a knock
+cannot be sent. Signed and rotating knocks (``--key``) come with
 their issues.
 """
 
@@ -17,6 +20,17 @@ from spa.cli_errors import handle_errors
 from spa.client.knock import knock, parse_target
 
 
+def _tcpflags(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    from spa.client.raw import parse_flags  # light: scapy itself is imported only to send
+
+    try:
+        return parse_flags(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version")
 @click.option("-u", "--udp", is_flag=True, help="Make every knock UDP (overrides :tcp).")
@@ -24,16 +38,25 @@ from spa.client.knock import knock, parse_target
 @click.option("-v", "--verbose", is_flag=True, help="Print each knock as it is sent.")
 @click.option("-4", "--ipv4", "v4", is_flag=True, help="Use IPv4 only.")
 @click.option("-6", "--ipv6", "v6", is_flag=True, help="Use IPv6 only.")
+@click.option("--tcpflags", "tcpflags", metavar="FLAG[,FLAG...]", callback=_tcpflags,
+              help="Send TCP knocks as raw packets with exactly these flags set (fin,syn,rst,psh,ack,urg); needs root.")
 @click.argument("host")
 @click.argument("ports", nargs=-1, required=True, metavar="PORT[:PROTO]...")
 @handle_errors
-def main(udp: bool, delay: int, verbose: bool, v4: bool, v6: bool, host: str, ports: tuple[str, ...]) -> None:
+def main(udp: bool, delay: int, verbose: bool, v4: bool, v6: bool, tcpflags: int | None, host: str,
+         ports: tuple[str, ...]) -> None:
     """Knock on HOST's PORTS in order (PROTO: tcp or udp; default tcp)."""
     if v4 and v6:
         raise click.UsageError("-4 and -6 exclude each other")
     family = socket.AF_INET if v4 else socket.AF_INET6 if v6 else socket.AF_UNSPEC
     targets = [parse_target(p, force_udp=udp) for p in ports]
-    knock(host, targets, family=family, delay_ms=delay, verbose=click.echo if verbose else None)
+    echo = click.echo if verbose else None
+    if tcpflags is None:
+        knock(host, targets, family=family, delay_ms=delay, verbose=echo)
+        return
+    from spa.client.raw import knock_raw
+
+    knock_raw(host, targets, tcpflags, family=family, delay_ms=delay, verbose=echo)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -90,8 +90,12 @@ class Runtime:
 
     @property
     def warnings(self) -> list[str]:
-        """The config file's warnings, and doors disabled because every one-time sequence is used."""
+        """What ``spa check-config`` warns about, and doors whose one-time sequences are all used."""
+        from spa.checks import check
+        from spa.server.listening import listening_ports
+
         out = list(self.config.warnings)
+        out += [f"{f.path}:{f.line}: {f.message}" for f in check(self.config, listening_ports())]
         for name, otp in self.onetime.items():
             if otp.current is None:
                 out.append(f"{otp.path}: every one-time sequence of door {name} is used; the door is disabled")
