@@ -44,29 +44,34 @@ def parse_target(text: str, force_udp: bool = False, lookup: Callable[[str, str]
     return KnockTarget(port, proto)
 
 
-def resolve(host: str, family: int = socket.AF_UNSPEC) -> tuple[int, str]:
-    """(family, address) of ``host``: the first answer, as knock takes it."""
+def resolve(host: str, family: int = socket.AF_UNSPEC) -> tuple[int, tuple]:
+    """(family, socket address) of ``host``: the first answer, as knock takes it.
+
+    The socket address keeps an IPv6 zone (``fe80::1%eth0``), which a
+    link-local knock needs.
+    """
     try:
         infos = socket.getaddrinfo(host, None, family, socket.SOCK_DGRAM)
     except socket.gaierror as exc:
         raise KnockError(f"cannot resolve {host!r}: {exc.strerror}") from None
     fam, _, _, _, sockaddr = infos[0]
-    return fam, sockaddr[0]
+    return fam, sockaddr
 
 
-def send_knock(family: int, address: str, target: KnockTarget) -> None:
+def send_knock(family: int, sockaddr: tuple, target: KnockTarget) -> None:
+    dest = (sockaddr[0], target.port, *sockaddr[2:])
     try:
         if target.proto == "udp":
             with socket.socket(family, socket.SOCK_DGRAM) as s:
-                s.sendto(b"\0", (address, target.port))
+                s.sendto(b"\0", dest)
             return
         with socket.socket(family, socket.SOCK_STREAM) as s:
             s.setblocking(False)
-            err = s.connect_ex((address, target.port))
+            err = s.connect_ex(dest)
             if err not in (0, errno.EINPROGRESS, errno.ECONNREFUSED):
                 raise OSError(err, errno.errorcode.get(err, str(err)))
     except OSError as exc:
-        raise KnockError(f"cannot knock {target.proto} {address}:{target.port}: {exc.strerror or exc}") from None
+        raise KnockError(f"cannot knock {target.proto} {sockaddr[0]}:{target.port}: {exc.strerror or exc}") from None
 
 
 def knock(
@@ -79,9 +84,9 @@ def knock(
 ) -> None:
     """Knock every target in order; the host is resolved once per knock, as knock does."""
     for t in targets:
-        fam, addr = resolve(host, family)
+        fam, sockaddr = resolve(host, family)
         if verbose is not None:
-            verbose(f"hitting {t.proto} {addr}:{t.port}")
-        send_knock(fam, addr, t)
+            verbose(f"hitting {t.proto} {sockaddr[0]}:{t.port}")
+        send_knock(fam, sockaddr, t)
         if delay_ms > 0:
             time.sleep(delay_ms / 1000.0)

@@ -75,33 +75,41 @@ def main(interfaces, config_path, daemon, debug, verbose, lookup, pidfile, logfi
     from spa.server.grants import GrantManager
     from spa.server.journal import Journal
 
+    # -d moves to /: every path is resolved against the directory we were started in, before that
+    # (else -d -c knockd.conf -g knockd.log would log to /knockd.log and SIGHUP would read /knockd.conf).
     settings = Settings(
-        config=config_path, interfaces=_interfaces(interfaces), only_ipv4=only_ipv4, lookup=lookup,
-        backend=backend, state_dir=state_dir, repair_interval=repair_interval,
+        config=os.path.abspath(config_path), interfaces=_interfaces(interfaces), only_ipv4=only_ipv4,
+        lookup=lookup, backend=backend, state_dir=state_dir, repair_interval=repair_interval,
     )
     runtime = Runtime.load(config_path)  # every error, with file and line, before anything is touched
     opts = runtime.config.options
     native = None
     if runtime.needs_native or backend is not None:
         native = create_backend(backend or opts.backend or "auto")
+    logfile, pid_path, state_dir = (
+        os.path.abspath(p) if p else None
+        for p in (logfile or opts.logfile, pidfile or opts.pidfile or (DEFAULT_PIDFILE if daemon else None),
+                  state_dir or opts.state_dir or DEFAULT_STATE_DIR)
+    )
     if daemon:
         _daemonize()
-    logs.configure(logfile=logfile or opts.logfile, use_syslog=opts.use_syslog, verbose=verbose, debug=debug)
+    logs.configure(logfile=logfile, use_syslog=opts.use_syslog, verbose=verbose, debug=debug)
     for w in runtime.warnings:
         log.warning("%s", w)
-    pid_path = pidfile or opts.pidfile or (DEFAULT_PIDFILE if daemon else None)
+    manager = GrantManager(Journal(state_dir), native, CommandBackend(),
+                           repair_interval=repair_interval)
+    d = Daemon(settings, runtime, manager)
+    # Signals first: a SIGTERM from here on is a clean stop, never a kill that leaves the PID file.
+    d.install_signals()
     if pid_path:
         with open(pid_path, "w") as f:
             f.write(f"{os.getpid()}\n")
-    manager = GrantManager(Journal(state_dir or opts.state_dir or DEFAULT_STATE_DIR), native, CommandBackend(),
-                           repair_interval=repair_interval)
-    d = Daemon(settings, runtime, manager)
     try:
         manager.start()
-        d.install_signals()
         d.start()
         d.run()
     finally:
+        d.notifier.stopping()
         d.close()
         manager.stop(close_grants=True)
         if pid_path:

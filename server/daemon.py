@@ -31,6 +31,7 @@ from spa.server.capture import ANY, Capture
 from spa.server.grants import GrantManager
 from spa.server.logs import Names, events
 from spa.server.onetime import OneTimeSequences
+from spa.server.sdnotify import Notifier
 
 log = logging.getLogger("spa.server")
 
@@ -135,6 +136,7 @@ class Daemon:
         self._signals: list[int] = []
         self.stats: dict[str, int] = {"malformed": 0, "knocks": 0, "opens": 0, "reloads": 0}
         self.filter_expression: str | None = None
+        self.notifier = Notifier()
 
     # -- set-up ------------------------------------------------------------------
 
@@ -150,6 +152,12 @@ class Daemon:
         self.selector.register(self._wake_r, selectors.EVENT_READ, "signal")
         self._sync_sockets()
         events.info("starting up, listening on %s", ",".join(self.interfaces))
+        self.notifier.ready(self.status_line())
+
+    def status_line(self) -> str:
+        doors = len(self.matcher.doors)
+        return (f"listening on {','.join(self.interfaces)}: {doors} door{'s' if doors != 1 else ''}, "
+                f"{len(self.manager.active())} open")
 
     def local_addresses(self) -> set[Address]:
         by_name = netlink.addresses()
@@ -242,6 +250,7 @@ class Daemon:
                 self._tick()
 
     def _tick(self) -> None:
+        self.notifier.watchdog()
         for e in self.matcher.expire(time.monotonic()):
             self._log_event(e)
         assert self.capture is not None
@@ -320,6 +329,13 @@ class Daemon:
         """SIGHUP: parse and check the whole file, then swap it in; on any error keep running the old one."""
         path = self.settings.config
         events.info("re-reading config file: %s", path)
+        self.notifier.reloading()
+        try:
+            return self._reload(path)
+        finally:
+            self.notifier.ready(self.status_line())
+
+    def _reload(self, path: str) -> bool:
         try:
             new = Runtime.load(path)
             if new.needs_native and self.manager.native is None:

@@ -148,8 +148,9 @@ def parse_link(payload: bytes | bytearray | memoryview) -> Interface | None:
 def parse_addr(payload: bytes | bytearray | memoryview) -> tuple[int, Address] | None:
     """An ``RTM_NEWADDR``/``RTM_DELADDR`` payload to ``(ifindex, address)``; None if truncated or not IP.
 
-    IPv4 takes ``IFA_LOCAL`` when present (on point-to-point links
-    ``IFA_ADDRESS`` is the peer), else ``IFA_ADDRESS``; IPv6 takes ``IFA_ADDRESS``.
+    Both families take ``IFA_LOCAL`` when present (on a point-to-point
+    address set up with ``peer``, ``IFA_ADDRESS`` is the other end), else
+    ``IFA_ADDRESS``.
     """
     if len(payload) < _IFADDRMSG.size:
         return None
@@ -161,7 +162,7 @@ def parse_addr(payload: bytes | bytearray | memoryview) -> tuple[int, Address] |
             return None
         return index, ipaddress.IPv4Address(raw)
     if family == socket.AF_INET6:
-        raw = attrs.get(IFA_ADDRESS) or attrs.get(IFA_LOCAL)
+        raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
         if raw is None or len(raw) != 16:
             return None
         return index, ipaddress.IPv6Address(raw)
