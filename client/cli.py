@@ -39,7 +39,8 @@ def _tcpflags(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("-4", "--ipv4", "v4", is_flag=True, help="Use IPv4 only.")
 @click.option("-6", "--ipv6", "v6", is_flag=True, help="Use IPv6 only.")
 @click.option("--tcpflags", "tcpflags", metavar="FLAG[,FLAG...]", callback=_tcpflags,
-              help="Send TCP knocks as raw packets with exactly these flags set (fin,syn,rst,psh,ack,urg); needs root.")
+              help="Send TCP knocks as raw packets with exactly these flags set "
+                   "(fin,syn,rst,psh,ack,urg); needs root.")
 @click.argument("host")
 @click.argument("ports", nargs=-1, required=True, metavar="PORT[:PROTO]...")
 @handle_errors

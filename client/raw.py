@@ -90,17 +90,23 @@ class _Sender:
     """
 
     def __init__(self) -> None:
+        from scapy.base_classes import ScopedIP
         from scapy.interfaces import resolve_iface
         from scapy.layers.inet import IP, TCP
         from scapy.layers.inet6 import IPv6
         from scapy.sendrecv import send
 
-        self._ip, self._ipv6, self._tcp, self._send, self._resolve_iface = IP, IPv6, TCP, send, resolve_iface
+        self._ip, self._ipv6, self._tcp, self._send = IP, IPv6, TCP, send
+        self._scoped, self._resolve_iface = ScopedIP, resolve_iface
         self._sockets: dict[tuple[str, bool], object] = {}
 
-    def send(self, family: int, address: str, dport: int, flags: int, sport: int, seq: int) -> None:
+    def send(self, family: int, address: str, dport: int, flags: int, sport: int, seq: int, scope_id: int = 0) -> None:
         ipv6 = family == socket.AF_INET6
-        l3 = self._ipv6(dst=address) if ipv6 else self._ip(dst=address)
+        if ipv6:
+            # A link-local address needs its zone (fe80::1%eth0) to be routed and resolved on the right link.
+            l3 = self._ipv6(dst=self._scoped(address, scope=scope_id or None))
+        else:
+            l3 = self._ip(dst=address)
         pkt = l3 / self._tcp(sport=sport, dport=dport, flags=flags, seq=seq)
         iface, src, _gateway = pkt.route()  # scapy's copy of the kernel's routing table
         if not iface or src in (None, "0.0.0.0", "::"):
@@ -141,16 +147,20 @@ def knock_raw(
     sender: _Sender | None = None
     try:
         for t in targets:
-            fam, addr = resolve(host, family)
+            fam, sockaddr = resolve(host, family)
+            # resolve() gives the socket address (which keeps an IPv6 zone, fe80::1%eth0, in its host part).
+            addr = sockaddr[0] if isinstance(sockaddr, tuple) else sockaddr
+            scope_id = sockaddr[3] if isinstance(sockaddr, tuple) and len(sockaddr) == 4 else 0
             if verbose is not None:
-                verbose(f"hitting udp {addr}:{t.port}" if t.proto == "udp" else f"hitting tcp {addr}:{t.port} ({names})")
+                suffix = f" ({names})" if t.proto == "tcp" else ""
+                verbose(f"hitting {t.proto} {addr}:{t.port}{suffix}")
             if t.proto == "udp":
-                send_knock(fam, addr, t)
+                send_knock(fam, sockaddr, t)
             else:
                 if sender is None:
                     sender = _Sender()
                 try:
-                    sender.send(fam, addr, t.port, flags, ephemeral_port(rng), rng.getrandbits(32))
+                    sender.send(fam, addr, t.port, flags, ephemeral_port(rng), rng.getrandbits(32), scope_id)
                 except PermissionError:
                     raise KnockError(ROOT_NEEDED) from None
                 except OSError as exc:

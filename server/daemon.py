@@ -176,6 +176,11 @@ class Daemon:
             log.warning("cannot read interface addresses: %s", exc)
             return
         self.matcher.local_addresses = frozenset(local)
+        self.rebuild_filter()
+
+    def rebuild_filter(self) -> None:
+        """Install the kernel filter for the current doors and addresses, if it changed."""
+        local = set(self.matcher.local_addresses or ())
         targets = {d.target for d in self.matcher.doors if d.target is not None}
         steps = set()
         for d in self.matcher.doors:
@@ -305,7 +310,7 @@ class Daemon:
             if nxt is not None:
                 doors.append(MatchDoor.of(door, nxt))
             self.matcher.set_doors(doors)
-            self.refresh_addresses()
+            self.rebuild_filter()
             self._io.submit(self._mark_used, door, onetime, line_no, nxt, grant)
             return
         if grant is not None:
