@@ -64,9 +64,11 @@ def _daemonize() -> None:
               help=f"Grant journal directory (default: the config's StateDir, else {DEFAULT_STATE_DIR}).")
 @click.option("--repair-interval", type=float, default=10.0, show_default=True,
               help="Seconds between checks that the firewall still holds our rules.")
+@click.option("--metrics-file", default=None, type=click.Path(dir_okay=False),
+              help="Prometheus textfile, rewritten every 5 s (default: STATE_DIR/metrics.prom).")
 @handle_errors
 def main(interfaces, config_path, daemon, debug, verbose, lookup, pidfile, logfile, only_ipv4, backend, state_dir,
-         repair_interval) -> None:
+         repair_interval, metrics_file) -> None:
     """Keep every port closed; open one for one address, for a while, when a client knocks right."""
     from spa.server import logs
     from spa.server.daemon import Daemon, Runtime, Settings
@@ -96,6 +98,9 @@ def main(interfaces, config_path, daemon, debug, verbose, lookup, pidfile, logfi
     logs.configure(logfile=logfile, use_syslog=opts.use_syslog, verbose=verbose, debug=debug)
     for w in runtime.warnings:
         log.warning("%s", w)
+    settings.state_dir = state_dir
+    settings.metrics_file = os.path.abspath(metrics_file) if metrics_file else os.path.join(state_dir, "metrics.prom")
+    settings.status_file = os.path.join(state_dir, "status.json")
     manager = GrantManager(Journal(state_dir), native, CommandBackend(),
                            repair_interval=repair_interval)
     d = Daemon(settings, runtime, manager)
@@ -112,6 +117,11 @@ def main(interfaces, config_path, daemon, debug, verbose, lookup, pidfile, logfi
         d.notifier.stopping()
         d.close()
         manager.stop(close_grants=True)
+        for path in (settings.status_file,):
+            try:
+                os.unlink(path)  # status.json says "running"; a stopped daemon leaves none
+            except (FileNotFoundError, TypeError):
+                pass
         if pid_path:
             try:
                 os.unlink(pid_path)

@@ -9,6 +9,7 @@ manager's worker and a small worker of its own.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import selectors
@@ -23,6 +24,7 @@ from spa.errors import ConfigError, SpaError
 from spa.grant import Address, CommandAction, Grant
 from spa.knock import Knock
 from spa.matcher import MatchDoor, MatchEvent, Matcher
+from spa.metrics import Metric, render
 from spa.packet import parse_ip
 from spa.filter import knock_filter
 from spa.server import netlink
@@ -41,6 +43,8 @@ log = logging.getLogger("spa.server")
 ONE_SHOT = 0.001
 #: How often attempts are swept for timeouts and interfaces retried.
 TICK = 1.0
+#: How often the metrics textfile and status.json are rewritten.
+METRICS_INTERVAL = 5.0
 
 
 @dataclass
@@ -55,6 +59,9 @@ class Settings:
     state_dir: str | None = None
     repair_interval: float = 10.0
     max_attempts: int = 65536
+    #: Where the Prometheus textfile and status.json go (None: not written).
+    metrics_file: str | None = None
+    status_file: str | None = None
 
 
 @dataclass
@@ -134,7 +141,10 @@ class Daemon:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._signals: list[int] = []
-        self.stats: dict[str, int] = {"malformed": 0, "knocks": 0, "opens": 0, "reloads": 0}
+        self.stats: dict[str, int] = {"malformed": 0, "knocks": 0, "opens": 0, "reloads": 0, "reload_failures": 0}
+        self.event_counts: dict[str, int] = {"stage": 0, "open": 0, "timeout": 0, "reset": 0}
+        self.started = time.time()
+        self._next_metrics = 0.0
         self.filter_expression: str | None = None
         self.notifier = Notifier()
 
@@ -153,6 +163,7 @@ class Daemon:
         self._sync_sockets()
         events.info("starting up, listening on %s", ",".join(self.interfaces))
         self.notifier.ready(self.status_line())
+        self.publish()
 
     def status_line(self) -> str:
         doors = len(self.matcher.doors)
@@ -256,6 +267,9 @@ class Daemon:
 
     def _tick(self) -> None:
         self.notifier.watchdog()
+        if time.monotonic() >= self._next_metrics:
+            self._next_metrics = time.monotonic() + METRICS_INTERVAL
+            self.publish()
         for e in self.matcher.expire(time.monotonic()):
             self._log_event(e)
         assert self.capture is not None
@@ -285,6 +299,7 @@ class Daemon:
                     self._opened(e, k)
 
     def _log_event(self, e: MatchEvent) -> None:
+        self.event_counts[e.kind] += 1
         who = self.names(e.source)
         if e.kind == "stage":
             events.info("%s: %s: Stage %d", who, e.door, e.stage)
@@ -351,6 +366,7 @@ class Daemon:
                 self.manager.native = native
         except (ConfigError, SpaError) as exc:
             log.error("new configuration rejected, the old one keeps running:\n%s", exc)
+            self.stats["reload_failures"] += 1
             return False
         for w in new.warnings:
             log.warning("%s", w)
@@ -359,6 +375,67 @@ class Daemon:
         self.refresh_addresses()
         self.stats["reloads"] += 1
         return True
+
+    # -- metrics and status -------------------------------------------------------------
+
+    def metrics(self) -> list[Metric]:
+        """Everything ``spa status`` and Prometheus read, as of now."""
+        active = self.manager.active()
+        kernel = self.capture.kernel_stats() if self.capture is not None else {"packets": 0, "drops": 0}
+        c = self.manager.counters
+        up = self.capture.status() if self.capture is not None else {}
+        return [
+            Metric("spa_packets_total", "counter", "Packets that passed the kernel filter, by result.",
+                   {(("result", "parsed"),): self.stats["knocks"], (("result", "malformed"),): self.stats["malformed"]}),
+            Metric("spa_kernel_drops_total", "counter", "Packets the kernel dropped for lack of buffer room.",
+                   {(): kernel["drops"]}),
+            Metric("spa_knock_events_total", "counter", "Matcher events: stages, opens, timeouts, resets.",
+                   {(("kind", k),): v for k, v in self.event_counts.items()}),
+            Metric("spa_attempts", "gauge", "Knock attempts in progress.", {(): len(self.matcher)}),
+            Metric("spa_attempt_evictions_total", "counter", "Attempts evicted by the cap (spoofed floods).",
+                   {(): self.matcher.evictions}),
+            Metric("spa_grants_active", "gauge", "Grants open now.", {(): len(active)}),
+            Metric("spa_grants_total", "counter", "Grants opened or extended.", {(): c["grants_total"]}),
+            Metric("spa_firewall_operations_total", "counter", "Firewall operations.", {(): c["firewall_ops"]}),
+            Metric("spa_firewall_failures_total", "counter", "Firewall operations that failed.",
+                   {(): c["firewall_failures"]}),
+            Metric("spa_firewall_repairs_total", "counter", "Times the firewall was rebuilt after a flush.",
+                   {(): c["repairs"]}),
+            Metric("spa_reloads_total", "counter", "Configuration reloads, by result.",
+                   {(("result", "ok"),): self.stats["reloads"], (("result", "rejected"),): self.stats["reload_failures"]}),
+            Metric("spa_interface_up", "gauge", "1 when capturing on the interface.",
+                   {(("interface", name),): int(state == "open") for name, state in up.items()}),
+            Metric("spa_start_time_seconds", "gauge", "Unix time the daemon started.", {(): self.started}),
+        ]
+
+    def publish(self) -> None:
+        """Write the metrics textfile and status.json (atomically, off the capture loop)."""
+        if not self.settings.metrics_file and not self.settings.status_file:
+            return
+        text = render(self.metrics())
+        status = {
+            "pid": os.getpid(),
+            "started": self.started,
+            "written": time.time(),
+            "config": self.settings.config,
+            "interfaces": self.capture.status() if self.capture is not None else {},
+            "doors": [d.name for d in self.matcher.doors],
+            "backend": self.manager.native.name if self.manager.native is not None else None,
+            "filter": self.filter_expression,
+        }
+        self._io.submit(self._write_files, text, json.dumps(status, indent=1))
+
+    def _write_files(self, metrics_text: str, status_text: str) -> None:
+        for path, text in ((self.settings.metrics_file, metrics_text), (self.settings.status_file, status_text)):
+            if not path:
+                continue
+            tmp = f"{path}.tmp"
+            try:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(text)
+                os.replace(tmp, path)
+            except OSError as exc:
+                log.warning("cannot write %s: %s", path, exc)
 
     def close(self) -> None:
         if self.capture is not None:

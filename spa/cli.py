@@ -110,6 +110,64 @@ def grant_cmd(backend: str, state_dir: str, door: str, address: str, ports: tupl
     click.echo(f"opened door {held.door} for {held.address}: {','.join(map(str, held.ports))} for {duration:g}s")
 
 
+@main.command()
+@state_dir_option
+@handle_errors
+def status(state_dir: str) -> None:
+    """Show the running daemon: uptime, interfaces, doors, backend, counters and open grants."""
+    import json
+    import os
+
+    from spa.metrics import parse
+    from spa.server.journal import Journal
+
+    path = os.path.join(state_dir, "status.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            st = json.load(f)
+    except FileNotFoundError:
+        click.echo(f"spa-server is not running (no {path})")
+        raise SystemExit(3)
+    try:
+        os.kill(int(st["pid"]), 0)
+        running = True
+    except ProcessLookupError:
+        running = False
+    now = time.time()
+    if not running:
+        click.echo(f"spa-server is not running (pid {st['pid']} is gone; status written {now - st['written']:.0f} s ago)")
+        raise SystemExit(3)
+    up = now - st["started"]
+    click.echo(f"spa-server running, pid {st['pid']}, up {int(up // 3600)}h{int(up % 3600 // 60):02d}m{int(up % 60):02d}s")
+    click.echo(f"  config:     {st['config']}")
+    click.echo(f"  backend:    {st['backend'] or 'commands only'}")
+    click.echo("  interfaces: " + ", ".join(f"{k} ({v})" for k, v in st["interfaces"].items()))
+    click.echo(f"  doors:      {', '.join(st['doors']) or '(none)'}")
+    metrics_path = os.path.join(state_dir, "metrics.prom")
+    try:
+        with open(metrics_path, encoding="utf-8") as f:
+            m = parse(f.read())
+    except FileNotFoundError:
+        m = {}
+    if m:
+        def get(name: str, label: str = "") -> int:
+            return int(m.get(f"{name}{{{label}}}" if label else name, 0))
+
+        parsed, malformed = get("spa_packets_total", 'result="parsed"'), get("spa_packets_total", 'result="malformed"')
+        opens, timeouts = get("spa_knock_events_total", 'kind="open"'), get("spa_knock_events_total", 'kind="timeout"')
+        click.echo(f"  packets:    {parsed} parsed, {malformed} malformed, "
+                   f"{get('spa_kernel_drops_total')} dropped by the kernel")
+        click.echo(f"  knocks:     {opens} opens, {timeouts} timeouts, {get('spa_attempts')} attempts in progress")
+        click.echo(f"  firewall:   {get('spa_grants_total')} grants, {get('spa_firewall_operations_total')} operations, "
+                   f"{get('spa_firewall_failures_total')} failures, {get('spa_firewall_repairs_total')} repairs")
+    grants_now = [g for g in Journal(state_dir).all() if not g.closing]
+    click.echo(f"  grants:     {len(grants_now)} open")
+    for e in grants_now:
+        g = e.grant
+        ports = ",".join(map(str, g.ports)) or "commands"
+        click.echo(f"    {g.door:<20} {str(g.address):<40} {ports:<20} {_format_left(g.seconds_left(now)):>8}")
+
+
 def _line_of(message: str) -> int:
     parts = message.split(":", 2)
     return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else 0

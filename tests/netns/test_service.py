@@ -58,3 +58,50 @@ def test_notify_protocol_from_start_to_stop(lab, tmp_path):
         if proc.poll() is None:
             proc.kill()
         sock.close()
+
+
+def test_metrics_file_and_spa_status_after_a_scripted_scenario(lab, tmp_path):
+    from spa.metrics import parse
+    from spa.server.netns import SERVER_V4
+    from tests.netns.knockd_helpers import Server, knock_client, knock_from
+    from spa.server.netns import CLIENT2_V4
+
+    lab.default_deny("nft")
+    server = Server(lab, tmp_path, "[options]\n[ssh]\n    sequence = 7000,9000,8000\n    seq_timeout = 0.5\n"
+                                   "    open = 22/tcp\n    cmd_timeout = 30\n")
+    state = tmp_path / "state"
+    try:
+        knock_client(lab, SERVER_V4, "7000", "9000", "8000")  # opens
+        knock_from(lab, CLIENT2_V4, SERVER_V4, 7000)          # times out
+        assert lab.wait_for(True, SERVER_V4, limit=2) is not None
+        server.config.write_text("[ssh]\nsequence = 7000,abc\n")
+        server.signal(signal.SIGHUP)                            # rejected reload
+        assert server.wait_log("new configuration rejected")
+        deadline = time.monotonic() + 12
+        m = {}
+        while time.monotonic() < deadline:
+            try:
+                m = parse((state / "metrics.prom").read_text())
+            except FileNotFoundError:
+                m = {}
+            if m.get('spa_knock_events_total{kind="timeout"}') == 1 and m.get('spa_reloads_total{result="rejected"}') == 1:
+                break
+            time.sleep(0.2)
+        assert m.get('spa_knock_events_total{kind="open"}') == 1, m
+        assert m['spa_knock_events_total{kind="stage"}'] == 4
+        assert m['spa_knock_events_total{kind="timeout"}'] == 1
+        assert m["spa_grants_active"] == 1 and m["spa_grants_total"] == 1
+        assert m['spa_packets_total{result="parsed"}'] == 4
+        assert m['spa_reloads_total{result="rejected"}'] == 1
+        assert m['spa_interface_up{interface="veth0"}'] == 1
+        assert m["spa_firewall_failures_total"] == 0
+        r = subprocess.run([sys.executable, "-m", "spa.cli", "status", "--state-dir", str(state)],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        assert "spa-server running" in r.stdout and "veth0 (open)" in r.stdout and "doors:      ssh" in r.stdout
+        assert "1 opens, 1 timeouts" in r.stdout and "ssh" in r.stdout and "192.0.2.2" in r.stdout
+    finally:
+        server.stop()
+    r = subprocess.run([sys.executable, "-m", "spa.cli", "status", "--state-dir", str(state)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 3 and "not running" in r.stdout
