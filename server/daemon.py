@@ -31,7 +31,7 @@ from spa.server import netlink
 from spa.server.bpf import DROP_ALL, FilterError, compile_filter
 from spa.server.capture import ANY, Capture
 from spa.server.grants import GrantManager
-from spa.server.logs import Names, events
+from spa.server.logs import Names, Throttle, events
 from spa.server.onetime import OneTimeSequences
 from spa.server.sdnotify import Notifier
 
@@ -147,6 +147,7 @@ class Daemon:
         self._next_metrics = 0.0
         self.filter_expression: str | None = None
         self.notifier = Notifier()
+        self._throttle = Throttle()
 
     # -- set-up ------------------------------------------------------------------
 
@@ -267,6 +268,9 @@ class Daemon:
 
     def _tick(self) -> None:
         self.notifier.watchdog()
+        dropped = self._throttle.take_suppressed()
+        if dropped:
+            log.warning("%d knock log lines suppressed in the last second (a flood on the knock ports?)", dropped)
         if time.monotonic() >= self._next_metrics:
             self._next_metrics = time.monotonic() + METRICS_INTERVAL
             self.publish()
@@ -294,12 +298,16 @@ class Daemon:
                 log.debug("%s: %s: %s:%d -> %s:%d %d bytes", time.strftime("%Y-%m-%d %H:%M:%S"), k.proto,
                           k.src, k.sport, k.dst, k.dport, len(data))
             for e in self.matcher.feed(k):
-                self._log_event(e)
+                self._log_event(e, ts)
                 if e.kind == "open":
                     self._opened(e, k)
 
-    def _log_event(self, e: MatchEvent) -> None:
+    def _log_event(self, e: MatchEvent, now: float | None = None) -> None:
         self.event_counts[e.kind] += 1
+        if e.kind == "reset" and not log.isEnabledFor(logging.DEBUG):
+            return
+        if not self._throttle.allow(time.monotonic() if now is None else now):
+            return
         who = self.names(e.source)
         if e.kind == "stage":
             events.info("%s: %s: Stage %d", who, e.door, e.stage)

@@ -32,6 +32,8 @@ from spa.server.logs import events
 log = logging.getLogger(__name__)
 
 COMMAND = "command"
+#: Grants waiting for the worker; beyond this the oldest are dropped (and counted).
+MAX_PENDING = 65536
 
 
 def describe(g: ActiveGrant) -> str:
@@ -56,7 +58,9 @@ class GrantManager:
         self._clock = clock
         self._lock = threading.RLock()  # one firewall operation at a time
         self._cond = threading.Condition()
-        self._pending: collections.deque[Grant] = collections.deque()
+        # Keyed by (door, address): a flood of completed knocks from one
+        # source collapses into one pending grant; bounded, oldest dropped.
+        self._pending: collections.OrderedDict[tuple, Grant] = collections.OrderedDict()
         self._heap: list[tuple[float, str, str]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -118,7 +122,11 @@ class GrantManager:
     def submit(self, grant: Grant) -> None:
         """Queue a grant; returns at once (safe from the capture loop)."""
         with self._cond:
-            self._pending.append(grant)
+            self._pending.pop(grant.key, None)
+            self._pending[grant.key] = grant
+            while len(self._pending) > MAX_PENDING:
+                self._pending.popitem(last=False)
+                self.counters["grants_dropped"] += 1
             self._cond.notify()
 
     def grant(self, grant: Grant) -> ActiveGrant:
@@ -149,6 +157,60 @@ class GrantManager:
                 time.strftime("%H:%M:%S", time.localtime(held.deadline)),
             )
             return held
+
+    def grant_many(self, grants: list[Grant]) -> list[ActiveGrant]:
+        """Open a batch: one journal commit and one firewall transaction for all native grants.
+
+        Under a flood of completed knocks this is what keeps the queue short:
+        one fsync and one netlink transaction for the lot instead of one each.
+        If the batch fails, each grant is tried alone so that one bad grant
+        cannot sink the others.
+        """
+        held_all: list[ActiveGrant] = []
+        with self._lock:
+            native = []
+            for g in grants:
+                if g.commands is None and self.native is not None:
+                    native.append(g)
+                else:
+                    held_all += self._grant_logged(g)
+            if not native:
+                return held_all
+            assert self.native is not None
+            now = self._clock()
+            pairs: list[tuple[ActiveGrant, ActiveGrant | None]] = []
+            for g in native:
+                entry = self.journal.get(g.door, g.address)
+                previous = entry.grant if entry is not None and not entry.closing else None
+                pairs.append((regrant(previous, g, now), previous))
+            self.journal.put_many([h for h, _ in pairs], self.native.name)
+            try:
+                self.native.open_many(pairs)
+            except FirewallError as exc:
+                log.warning("batch of %d grants failed (%s); trying them one by one", len(pairs), exc)
+                for h, prev in pairs:
+                    if prev is not None:
+                        self.journal.put(prev, self.native.name)
+                    else:
+                        self.journal.delete(h.door, h.address)
+                for g in native:
+                    held_all += self._grant_logged(g)
+                return held_all
+            self.counters["firewall_ops"] += 1
+            for h, prev in pairs:
+                self.counters["grants_total"] += 1
+                self._schedule(h)
+                log.info("%s %s until %s", "extended" if prev is not None else "opened", describe(h),
+                         time.strftime("%H:%M:%S", time.localtime(h.deadline)))
+                held_all.append(h)
+        return held_all
+
+    def _grant_logged(self, g: Grant) -> list[ActiveGrant]:
+        try:
+            return [self.grant(g)]
+        except (FirewallError, SpaError) as exc:
+            log.error("opening door %r for %s failed: %s", g.door, g.address, exc)
+            return []
 
     def _schedule(self, g: ActiveGrant) -> None:
         with self._cond:
@@ -290,11 +352,12 @@ class GrantManager:
             with self._cond:
                 if not self._pending:
                     return
-                g = self._pending.popleft()
+                batch = list(self._pending.values())
+                self._pending.clear()
             try:
-                self.grant(g)
-            except (FirewallError, SpaError) as exc:
-                log.error("opening door %r for %s failed: %s", g.door, g.address, exc)
+                self.grant_many(batch)
+            except Exception:  # noqa: BLE001 - the journal or a bug; log and keep the worker alive
+                log.exception("opening a batch of %d grants failed", len(batch))
 
     def _run(self) -> None:
         next_repair = time.monotonic() + self.repair_interval

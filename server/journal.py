@@ -82,17 +82,25 @@ class Journal:
 
     def put(self, grant: ActiveGrant, backend: str) -> None:
         """Record (or update) a grant; durable when this returns."""
-        ports = ",".join(str(p) for p in grant.ports)
-        commands = json.dumps(grant.commands.to_dict()) if grant.commands else None
+        self.put_many([grant], backend)
+
+    def put_many(self, grants: list[ActiveGrant], backend: str) -> None:
+        """Record several grants in one transaction (one fsync); durable when this returns."""
+        now = time.time()
+        rows = [
+            (g.door, str(g.address), ",".join(str(p) for p in g.ports), g.deadline,
+             json.dumps(g.commands.to_dict()) if g.commands else None, backend, now)
+            for g in grants
+        ]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute(
+                self._db.executemany(
                     "INSERT INTO grants (door, address, ports, deadline, commands, backend, created, closing)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, 0)"
                     " ON CONFLICT (door, address) DO UPDATE SET ports=excluded.ports, deadline=excluded.deadline,"
                     " commands=excluded.commands, backend=excluded.backend, closing=0",
-                    (grant.door, str(grant.address), ports, grant.deadline, commands, backend, time.time()),
+                    rows,
                 )
                 self._db.execute("COMMIT")
             except BaseException:

@@ -96,3 +96,33 @@ class Names:
             return
         with self._lock:
             self._names[addr] = name
+
+
+class Throttle:
+    """A token bucket for per-packet log lines: a flood must not turn into a flood of log writes.
+
+    knockd writes a line per counted knock, so a spoofed flood on the knock
+    ports costs it (and would cost us) a disk write per packet. Lines beyond
+    the rate are counted, and the daemon logs the count once a second.
+    """
+
+    def __init__(self, rate: float = 100.0, burst: float = 500.0):
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._last: float | None = None
+        self.suppressed = 0
+
+    def allow(self, now: float) -> bool:
+        if self._last is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        self.suppressed += 1
+        return False
+
+    def take_suppressed(self) -> int:
+        n, self.suppressed = self.suppressed, 0
+        return n

@@ -46,6 +46,11 @@ class Backend(ABC):
     def open(self, grant: ActiveGrant, previous: ActiveGrant | None = None) -> None:
         """Open ``grant`` until its deadline, replacing ``previous`` (same door and address) without a gap."""
 
+    def open_many(self, pairs: list[tuple[ActiveGrant, ActiveGrant | None]]) -> None:
+        """Open several (grant, previous) pairs; backends that can do it in one transaction override this."""
+        for grant, previous in pairs:
+            self.open(grant, previous)
+
     @abstractmethod
     def close(self, grant: ActiveGrant) -> None:
         """Close ``grant``; closing what is not open is not an error."""

@@ -320,6 +320,24 @@ class NftBackend(Backend):
                 doc.append(self._element_op("delete", previous, gone, 1))
         self._nft.cmd({"nftables": doc})
 
+    def open_many(self, pairs: list[tuple[ActiveGrant, ActiveGrant | None]]) -> None:
+        """Every pair in ONE transaction (add, delete, add per grant): all open, or none."""
+        if len(pairs) == 1:
+            self.open(*pairs[0])
+            return
+        now = self._clock()
+        doc = []
+        for grant, previous in pairs:
+            timeout_s = max(1, math.ceil(grant.deadline - now))
+            for op in ("add", "delete", "add"):
+                doc.append(self._element_op(op, grant, grant.ports, timeout_s))
+            if previous is not None and previous.address == grant.address:
+                gone = [p for p in previous.ports if p not in grant.ports]
+                if gone:
+                    doc.append(self._element_op("add", previous, gone, 1))
+                    doc.append(self._element_op("delete", previous, gone, 1))
+        self._nft.cmd({"nftables": doc})
+
     def close(self, grant: ActiveGrant) -> None:
         self._nft.cmd(
             {

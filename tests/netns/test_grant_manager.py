@@ -218,3 +218,21 @@ def test_clean_shutdown_closes_everything_and_removes_what_it_added(lab, tmp_pat
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_a_batch_of_grants_is_one_journal_commit_and_one_transaction(lab, manager_factory):
+    import ipaddress
+
+    lab.default_deny("nft")
+    mgr = manager_factory("nft")
+    with in_netns(lab.server):
+        mgr.grant(Grant.create("ssh", CLIENT_V4, "22/tcp", 1))  # already open: the batch extends it
+        spoofed = [Grant.create("ssh", str(ipaddress.ip_address("198.51.100.0") + i), "22/tcp", 30) for i in range(1, 201)]
+        held = mgr.grant_many([*spoofed, Grant.create("ssh", CLIENT_V4, "22/tcp", 30), spoofed[0]])
+        assert len(held) == 202
+        listed = mgr.native.list()
+        assert len(listed) == 201, "one element per (door, address, port), never two"
+        time.sleep(1.2)
+        assert lab.probe(SERVER_V4), "the batch extended the first grant"
+        assert len(mgr.active()) == 201
+

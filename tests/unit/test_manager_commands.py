@@ -81,3 +81,14 @@ def test_clean_stop_runs_every_pending_stop_command(tmp_path):
     mgr.stop()
     assert sorted(marker.read_text().split("\n")[:-1]) == ["stop 192.0.2.2", "stop 2001:db8::2"]
     assert mgr.journal.all() == []
+
+
+def test_submit_collapses_repeats_and_bounds_the_queue(tmp_path, monkeypatch):
+    import spa.server.grants as grants_module
+
+    monkeypatch.setattr(grants_module, "MAX_PENDING", 3)
+    mgr = GrantManager(Journal(tmp_path / "state"), None, CommandBackend())  # not started: nothing drains
+    for addr in ("198.51.100.1", "198.51.100.2", "198.51.100.1", "198.51.100.3", "198.51.100.4"):
+        mgr.submit(Grant.create("ssh", addr, (), 30, CommandAction(start="true")))
+    assert [str(k[1]) for k in mgr._pending] == ["198.51.100.1", "198.51.100.3", "198.51.100.4"]
+    assert mgr.counters["grants_dropped"] == 1

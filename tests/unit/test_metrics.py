@@ -12,3 +12,12 @@ def test_render_and_parse_round_trip():
     assert 'spa_interface_up{interface="we\\"ird"} 1' in text
     assert parse(text)["spa_grants_active"] == 2.0
     assert parse(text)['spa_packets_total{result="malformed"}'] == 1.0
+
+
+def test_throttle_passes_a_burst_then_the_rate_and_counts_the_rest():
+    from spa.server.logs import Throttle
+
+    t = Throttle(rate=10, burst=5)
+    assert sum(t.allow(100.0) for _ in range(20)) == 5
+    assert t.take_suppressed() == 15 and t.take_suppressed() == 0
+    assert sum(t.allow(100.0 + i * 0.01) for i in range(1, 101)) == 10  # one second at 10/s
