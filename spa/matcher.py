@@ -25,12 +25,18 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from spa.grant import Address, PortSpec
 from spa.knock import Knock, TcpFlags
 
 DEFAULT_MAX_ATTEMPTS = 65536
+_V6 = 1 << 128
+
+
+def _key(addr: Address) -> int:
+    """An address as one int, IPv6 apart from IPv4."""
+    return int(addr) | _V6 if addr.version == 6 else int(addr)
 
 
 class DoorLike(Protocol):
@@ -62,8 +68,9 @@ class MatchDoor:
 EventKind = Literal["stage", "open", "timeout", "reset"]
 
 
-@dataclass(frozen=True, slots=True)
-class MatchEvent:
+class MatchEvent(NamedTuple):
+    """What a packet did to an attempt (a NamedTuple: several are built per packet under a flood)."""
+
     kind: EventKind
     door: str
     source: Address
@@ -74,6 +81,7 @@ class MatchEvent:
 @dataclass(slots=True)
 class Attempt:
     door: MatchDoor
+    source: Address
     stage: int
     started: float
     # The knock counted last, to recognise its retransmission.
@@ -93,17 +101,18 @@ class Matcher:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         self.max_attempts = max_attempts
-        # (source, door name) -> attempt, in the order the attempts started:
+        # (source key, door name) -> attempt, in the order the attempts started:
         # the front is both the oldest (evicted first) and the first to expire.
-        self._attempts: OrderedDict[tuple[Address, str], Attempt] = OrderedDict()
-        self._by_source: dict[Address, dict[str, Attempt]] = {}
+        # Sources are keyed by integer (``_key``): hashing an ipaddress object
+        # costs a Python call each time, and a packet needs several lookups.
+        self._attempts: OrderedDict[tuple[int, str], Attempt] = OrderedDict()
+        self._by_source: dict[int, dict[str, Attempt]] = {}
         self._doors: dict[str, MatchDoor] = {}
         self._first: dict[tuple[str, int], list[MatchDoor]] = {}
         self._steps: frozenset[tuple[str, int]] = frozenset()
         self._min_timeout = 0.0
-        self.local_addresses: frozenset[Address] | None = (
-            frozenset(local_addresses) if local_addresses is not None else None
-        )
+        self._local: frozenset[int] | None = None
+        self.local_addresses = frozenset(local_addresses) if local_addresses is not None else None
         self.evictions = 0
         self.set_doors(doors)
 
@@ -138,10 +147,20 @@ class Matcher:
 
     # -- matching ----------------------------------------------------------------
 
-    def _dst_ok(self, door: MatchDoor, dst: Address) -> bool:
+    @property
+    def local_addresses(self) -> frozenset[Address] | None:
+        """This host's addresses: knocks to others count only for doors whose ``target`` they are."""
+        return self._local_addresses
+
+    @local_addresses.setter
+    def local_addresses(self, value: frozenset[Address] | None) -> None:
+        self._local_addresses = value
+        self._local = frozenset(_key(a) for a in value) if value is not None else None
+
+    def _dst_ok(self, door: MatchDoor, dst: Address, dkey: int) -> bool:
         if door.target is not None:
             return dst == door.target
-        return self.local_addresses is None or dst in self.local_addresses
+        return self._local is None or dkey in self._local
 
     @staticmethod
     def _step_ok(door: MatchDoor, step: PortSpec, k: Knock) -> bool:
@@ -157,16 +176,17 @@ class Matcher:
         if (k.proto, k.dport) not in self._steps:
             return []
         events: list[MatchEvent] = []
-        mine = self._by_source.get(k.src)
+        skey, dkey = _key(k.src), _key(k.dst)
+        mine = self._by_source.get(skey)
         tried: set[str] = set()
         if mine:
             for name, a in list(mine.items()):
                 door = a.door
                 if k.time - a.started > door.seq_timeout:
-                    self._drop((k.src, name))
+                    self._drop((skey, name))
                     events.append(MatchEvent("timeout", name, k.src, a.stage))
                     continue  # may start afresh below
-                if not self._dst_ok(door, k.dst) or not self._visible(door, k):
+                if not self._dst_ok(door, k.dst, dkey) or not self._visible(door, k):
                     tried.add(name)
                     continue
                 if k.proto == "tcp" and k.sport == a.last_sport and k.seq == a.last_seq and k.dport == a.last_dport:
@@ -178,34 +198,34 @@ class Matcher:
                     a.last_sport, a.last_seq, a.last_dport = k.sport, k.seq, k.dport
                     events.append(MatchEvent("stage", name, k.src, a.stage))  # knockd logs the last stage too
                     if a.stage == len(door.sequence):
-                        self._drop((k.src, name))
+                        self._drop((skey, name))
                         events.append(MatchEvent("open", name, k.src, a.stage))
                     continue
-                self._drop((k.src, name))
+                self._drop((skey, name))
                 events.append(MatchEvent("reset", name, k.src, a.stage))
         for door in self._first.get((k.proto, k.dport), ()):
-            if door.name in tried or (k.src, door.name) in self._attempts:
+            if door.name in tried or (skey, door.name) in self._attempts:
                 continue
-            if not self._dst_ok(door, k.dst) or not self._visible(door, k):
+            if not self._dst_ok(door, k.dst, dkey) or not self._visible(door, k):
                 continue
             if len(door.sequence) == 1:
                 events.append(MatchEvent("stage", door.name, k.src, 1))
                 events.append(MatchEvent("open", door.name, k.src, 1))
                 continue
-            self._add(k, door)
+            self._add(k, skey, door)
             events.append(MatchEvent("stage", door.name, k.src, 1))
         return events
 
-    def _add(self, k: Knock, door: MatchDoor) -> None:
+    def _add(self, k: Knock, skey: int, door: MatchDoor) -> None:
         while len(self._attempts) >= self.max_attempts:
             oldest = next(iter(self._attempts))
             self._drop(oldest)
             self.evictions += 1
-        a = Attempt(door, 1, k.time, k.sport, k.seq, k.dport)
-        self._attempts[(k.src, door.name)] = a
-        self._by_source.setdefault(k.src, {})[door.name] = a
+        a = Attempt(door, k.src, 1, k.time, k.sport, k.seq, k.dport)
+        self._attempts[(skey, door.name)] = a
+        self._by_source.setdefault(skey, {})[door.name] = a
 
-    def _drop(self, key: tuple[Address, str]) -> None:
+    def _drop(self, key: tuple[int, str]) -> None:
         self._attempts.pop(key, None)
         mine = self._by_source.get(key[0])
         if mine is not None:
@@ -222,10 +242,10 @@ class Matcher:
                 break  # everything after started later still
             if age > a.door.seq_timeout:
                 self._drop(key)
-                events.append(MatchEvent("timeout", key[1], key[0], a.stage))
+                events.append(MatchEvent("timeout", key[1], a.source, a.stage))
         return events
 
     def forget(self, source: Address | None = None) -> None:
         """Drop every attempt (of one source, or all)."""
-        for key in [k for k in self._attempts if source is None or k[0] == source]:
+        for key in [k for k in self._attempts if source is None or k[0] == _key(source)]:
             self._drop(key)
