@@ -148,9 +148,9 @@ def knock_raw(
     try:
         for t in targets:
             fam, sockaddr = resolve(host, family)
-            # resolve() gives the socket address (which keeps an IPv6 zone, fe80::1%eth0, in its host part).
-            addr = sockaddr[0] if isinstance(sockaddr, tuple) else sockaddr
-            scope_id = sockaddr[3] if isinstance(sockaddr, tuple) and len(sockaddr) == 4 else 0
+            # The socket address keeps an IPv6 zone (fe80::1%eth0) as its scope id.
+            addr = sockaddr[0]
+            scope_id = sockaddr[3] if len(sockaddr) == 4 else 0
             if verbose is not None:
                 suffix = f" ({names})" if t.proto == "tcp" else ""
                 verbose(f"hitting {t.proto} {addr}:{t.port}{suffix}")
