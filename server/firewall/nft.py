@@ -289,54 +289,51 @@ class NftBackend(Backend):
             )
         }
 
-    def open(self, grant: ActiveGrant, previous: ActiveGrant | None = None) -> None:
+    def _timeout(self, grant: ActiveGrant, now: float) -> int:
         # nft's JSON takes whole seconds (1.0.6 silently drops a fractional
         # timeout, leaving the element forever): round up, never to zero. The
         # grant manager deletes the element at the exact deadline; the kernel
         # timeout is the safety net, at most 1 s later.
-        timeout_s = max(1, math.ceil(grant.deadline - self._clock()))
+        return max(1, math.ceil(grant.deadline - now))
+
+    def _refresh_ops(self, grant: ActiveGrant, previous: ActiveGrant | None, now: float) -> list[dict[str, Any]]:
+        """add (a no-op when present), delete, add again: a fresh timeout whether or not the element existed.
+
+        In one transaction, so a re-grant extends without a gap and never
+        holds two elements; ports the previous grant had and this one has not
+        are removed in the same transaction.
+        """
+        timeout_s = self._timeout(grant, now)
+        ops = [self._element_op(op, grant, grant.ports, timeout_s) for op in ("add", "delete", "add")]
+        if previous is not None and previous.address == grant.address:
+            gone = [p for p in previous.ports if p not in grant.ports]
+            if gone:
+                ops.append(self._element_op("add", previous, gone, 1))
+                ops.append(self._element_op("delete", previous, gone, 1))
+        return ops
+
+    def open(self, grant: ActiveGrant, previous: ActiveGrant | None = None) -> None:
+        now = self._clock()
         if previous is None:
             # A first grant is usually new to the set: "create" fails if any
             # element exists, and costs one netlink round trip without the
             # delete that makes the kernel wait for freed objects (tens of ms
             # through an nft process). If it exists (another door holds the
-            # port), fall through to the refresh below.
+            # port), refresh it instead.
             try:
-                self._nft.cmd({"nftables": [self._element_op("create", grant, grant.ports, timeout_s)]})
+                self._nft.cmd({"nftables": [self._element_op("create", grant, grant.ports, self._timeout(grant, now))]})
                 return
             except FirewallError:
                 pass
-        doc = []
-        # add (a no-op when present), delete, add again: one transaction that
-        # sets a fresh timeout whether or not the element existed, so a
-        # re-grant extends without a gap and never holds two elements.
-        doc.append(self._element_op("add", grant, grant.ports, timeout_s))
-        doc.append(self._element_op("delete", grant, grant.ports, timeout_s))
-        doc.append(self._element_op("add", grant, grant.ports, timeout_s))
-        if previous is not None and previous.address == grant.address:
-            gone = [p for p in previous.ports if p not in grant.ports]
-            if gone:
-                doc.append(self._element_op("add", previous, gone, 1))
-                doc.append(self._element_op("delete", previous, gone, 1))
-        self._nft.cmd({"nftables": doc})
+        self._nft.cmd({"nftables": self._refresh_ops(grant, previous, now)})
 
     def open_many(self, pairs: list[tuple[ActiveGrant, ActiveGrant | None]]) -> None:
-        """Every pair in ONE transaction (add, delete, add per grant): all open, or none."""
+        """Every pair in ONE transaction: all open, or none."""
         if len(pairs) == 1:
             self.open(*pairs[0])
             return
         now = self._clock()
-        doc = []
-        for grant, previous in pairs:
-            timeout_s = max(1, math.ceil(grant.deadline - now))
-            for op in ("add", "delete", "add"):
-                doc.append(self._element_op(op, grant, grant.ports, timeout_s))
-            if previous is not None and previous.address == grant.address:
-                gone = [p for p in previous.ports if p not in grant.ports]
-                if gone:
-                    doc.append(self._element_op("add", previous, gone, 1))
-                    doc.append(self._element_op("delete", previous, gone, 1))
-        self._nft.cmd({"nftables": doc})
+        self._nft.cmd({"nftables": [op for grant, previous in pairs for op in self._refresh_ops(grant, previous, now)]})
 
     def close(self, grant: ActiveGrant) -> None:
         self._nft.cmd(
