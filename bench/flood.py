@@ -789,6 +789,12 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    def on_term(signum, _frame):
+        # Unwind through every ``finally``: daemons stopped, labs (namespaces, processes) removed.
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+
     info = machine()
     when = utc_now()
     start = time.perf_counter()
