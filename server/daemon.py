@@ -306,7 +306,8 @@ class Daemon:
         self.event_counts[e.kind] += 1
         if e.kind == "reset" and not log.isEnabledFor(logging.DEBUG):
             return
-        if not self._throttle.allow(time.monotonic() if now is None else now):
+        # OPEN SESAME is never throttled: log watchers (fail2ban and the like) act on it.
+        if e.kind != "open" and not self._throttle.allow(time.monotonic() if now is None else now):
             return
         who = self.names(e.source)
         if e.kind == "stage":
