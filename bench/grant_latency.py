@@ -830,19 +830,9 @@ def render_section(results: list[RowResult], info: dict[str, str], samples: int,
 
 
 def write_section(path: Path, section: str) -> None:
-    if path.exists():
-        text = path.read_text()
-        a, b = text.find(START_MARK), text.find(END_MARK)
-        if a != -1 and b != -1 and b > a:
-            new = text[:a] + section.rstrip("\n") + text[b + len(END_MARK):]
-        else:
-            new = text.rstrip("\n") + "\n\n" + section
-    else:
-        new = "# Benchmarks\n\nMeasured by the scripts in `bench/`; each section is rewritten by its own script.\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    from bench.knocklab import write_section as write_between_markers
+
+    write_between_markers(path, START_MARK, END_MARK, section)
 
 
 def main(argv: list[str] | None = None) -> int:

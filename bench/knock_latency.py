@@ -39,7 +39,6 @@ import argparse
 import gc
 import os
 import random
-import signal
 import statistics
 import sys
 import time
@@ -51,6 +50,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 from bench.grant_latency import markdown_table, text_table  # noqa: E402
 from bench.knocklab import (  # noqa: E402
+    unwind_on_sigterm,
     DEFAULT_OUTPUT, Daemon, Knocker, KnockLab, client_for, door_text, machine, ms, parse_sequence, percentile,
     utc_now, write_section,
 )
@@ -306,11 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    def on_term(signum, _frame):
-        # Unwind through every ``finally``: daemons stopped, labs (namespaces, processes) removed.
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_term)
+    unwind_on_sigterm()
 
     info = machine()
     when = utc_now()

@@ -96,6 +96,15 @@ def machine() -> dict[str, str]:
     return info
 
 
+def unwind_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so every ``finally`` runs: daemons stopped, labs (namespaces, processes) removed."""
+
+    def on_term(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
 def write_section(path: Path, start: str, end: str, section: str) -> None:
     """Replace the text between ``start`` and ``end`` in ``path`` (append the section when they are missing)."""
     if path.exists():
