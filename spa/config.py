@@ -201,12 +201,19 @@ def _strip_comment(value: str) -> str:
     return value.strip()
 
 
-def _check_line(raw: str, number: int, problems: _Problems) -> bool:
-    ch = _control_char(raw)
-    if ch is not None:
-        problems.error(number, f"control character U+{ord(ch):04X} in line (only tab is allowed)")
-        return False
-    return True
+def _content_lines(text: str, problems: _Problems):
+    """(number, stripped line) for each line that is neither blank nor a ``#`` comment.
+
+    A line with a control character (other than tab) is reported and skipped.
+    """
+    for number, raw in _lines(text):
+        ch = _control_char(raw)
+        if ch is not None:
+            problems.error(number, f"control character U+{ord(ch):04X} in line (only tab is allowed)")
+            continue
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            yield number, line
 
 
 # --------------------------------------------------------------------------
@@ -465,12 +472,7 @@ def parse_config(text: str, path: str = "<config>") -> Config:
     current: _Section | None = None
     syslog_in_door: list[tuple[int, str]] = []
 
-    for number, raw in _lines(text):
-        if not _check_line(raw, number, problems):
-            continue
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
+    for number, line in _content_lines(text, problems):
 
         if line.startswith("["):
             header = line if line.endswith("]") else _strip_comment(line)
@@ -593,12 +595,7 @@ def parse_one_time_sequences(text: str, path: str) -> list[tuple[int, tuple[Port
     """
     problems = _Problems(path)
     result: list[tuple[int, tuple[PortSpec, ...]]] = []
-    for number, raw in _lines(text):
-        if not _check_line(raw, number, problems):
-            continue
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
+    for number, line in _content_lines(text, problems):
         seq = _sequence(_strip_comment(line), number, problems)
         if seq is not None:
             result.append((number, seq))
