@@ -387,9 +387,8 @@ class Daemon:
 
     # -- metrics and status -------------------------------------------------------------
 
-    def metrics(self) -> list[Metric]:
-        """Everything ``spa status`` and Prometheus read, as of now."""
-        active = self.manager.active()
+    def metrics(self, active: int) -> list[Metric]:
+        """Everything ``spa status`` and Prometheus read, as of now; ``active`` is the count of open grants."""
         kernel = self.capture.kernel_stats() if self.capture is not None else {"packets": 0, "drops": 0}
         c = self.manager.counters
         up = self.capture.status() if self.capture is not None else {}
@@ -403,7 +402,7 @@ class Daemon:
             Metric("spa_attempts", "gauge", "Knock attempts in progress.", {(): len(self.matcher)}),
             Metric("spa_attempt_evictions_total", "counter", "Attempts evicted by the cap (spoofed floods).",
                    {(): self.matcher.evictions}),
-            Metric("spa_grants_active", "gauge", "Grants open now.", {(): len(active)}),
+            Metric("spa_grants_active", "gauge", "Grants open now.", {(): active}),
             Metric("spa_grants_total", "counter", "Grants opened or extended.", {(): c["grants_total"]}),
             Metric("spa_firewall_operations_total", "counter", "Firewall operations.", {(): c["firewall_ops"]}),
             Metric("spa_firewall_failures_total", "counter", "Firewall operations that failed.",
@@ -421,7 +420,9 @@ class Daemon:
         """Write the metrics textfile and status.json (atomically, off the capture loop)."""
         if not self.settings.metrics_file and not self.settings.status_file:
             return
-        text = render(self.metrics())
+        # Only loop-owned state is read here; the journal count (which may wait
+        # for the grant worker's fsync) and the file writes happen on the worker.
+        loop_metrics = self.metrics(active=0)  # the real count is filled in off the loop
         status = {
             "pid": os.getpid(),
             "started": self.started,
@@ -432,7 +433,13 @@ class Daemon:
             "backend": self.manager.native.name if self.manager.native is not None else None,
             "filter": self.filter_expression,
         }
-        self._io.submit(self._write_files, text, json.dumps(status, indent=1))
+        self._io.submit(self._publish_off_loop, loop_metrics, status)
+
+    def _publish_off_loop(self, loop_metrics: list[Metric], status: dict) -> None:
+        active = len(self.manager.active())
+        metrics = [Metric(m.name, m.kind, m.help, {(): active}) if m.name == "spa_grants_active" else m
+                   for m in loop_metrics]
+        self._write_files(render(metrics), json.dumps(status, indent=1))
 
     def _write_files(self, metrics_text: str, status_text: str) -> None:
         for path, text in ((self.settings.metrics_file, metrics_text), (self.settings.status_file, status_text)):
