@@ -19,13 +19,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from spa.authorize import Verifier
 from spa.config import Config, Door, load_config
 from spa.errors import ConfigError, SpaError
 from spa.grant import Address, CommandAction, Grant
 from spa.knock import Knock
 from spa.matcher import MatchDoor, MatchEvent, Matcher
 from spa.metrics import Metric, render
-from spa.packet import parse_ip
+from spa.packet import parse_ip, udp_payload
+from spa.replay import ReplayCache
 from spa.filter import knock_filter
 from spa.server import netlink
 from spa.server.bpf import DROP_ALL, FilterError, compile_filter
@@ -34,6 +36,7 @@ from spa.server.grants import GrantManager
 from spa.server.logs import Names, Throttle, events
 from spa.server.onetime import OneTimeSequences
 from spa.server.sdnotify import Notifier
+from spa.server.spa_receiver import SpaReceiver, load_verifier
 
 log = logging.getLogger("spa.server")
 
@@ -45,6 +48,8 @@ ONE_SHOT = 0.001
 TICK = 1.0
 #: How often the metrics textfile and status.json are rewritten.
 METRICS_INTERVAL = 5.0
+#: How often junk on the SPA port is summarized in the log (never per packet).
+JUNK_SUMMARY_INTERVAL = 60.0
 
 
 @dataclass
@@ -71,6 +76,8 @@ class Runtime:
     config: Config
     doors: dict[str, Door]
     onetime: dict[str, OneTimeSequences] = field(default_factory=dict)
+    #: SPA: None when no door accepts SPA.
+    verifier: Verifier | None = None
 
     @classmethod
     def load(cls, path: str) -> Runtime:
@@ -82,11 +89,13 @@ class Runtime:
                 if not os.path.isabs(p):
                     p = os.path.join(os.path.dirname(os.path.abspath(path)), p)
                 onetime[d.name] = OneTimeSequences(p)
-        return cls(config, {d.name: d for d in config.doors}, onetime)
+        return cls(config, {d.name: d for d in config.doors}, onetime, load_verifier(config))
 
     def match_doors(self) -> list[MatchDoor]:
         out = []
         for d in self.doors.values():
+            if "sequence" not in d.triggers:
+                continue  # SPA or rotating only: nothing for the static matcher
             if d.name in self.onetime:
                 seq = self.onetime[d.name].current
                 if seq is None:
@@ -114,15 +123,18 @@ class Runtime:
         return any(d.open for d in self.doors.values())
 
 
-def door_grant(door: Door, address: Address) -> Grant | None:
-    """What a completed knock on ``door`` from ``address`` opens, or None when it opens nothing."""
+def door_grant(door: Door, address: Address, duration: float | None = None) -> Grant | None:
+    """What a completed knock (or an SPA packet) on ``door`` for ``address`` opens, or None when nothing.
+
+    ``duration`` (SPA: what the client asked for, already capped) replaces the door's ``cmd_timeout``.
+    """
     if door.open:
-        return Grant(door.name, address, door.open, door.cmd_timeout)
+        return Grant(door.name, address, door.open, duration or door.cmd_timeout)
     action = CommandAction(door.start_command, door.stop_command, door.start_command_6, door.stop_command_6)
     start, stop = action.commands_for(address)
     if start is None:
         return None  # knockd never runs a stop command without a start command
-    return Grant(door.name, address, (), door.cmd_timeout if stop else ONE_SHOT, action)
+    return Grant(door.name, address, (), (duration or door.cmd_timeout) if stop else ONE_SHOT, action)
 
 
 class Daemon:
@@ -148,6 +160,13 @@ class Daemon:
         self.filter_expression: str | None = None
         self.notifier = Notifier()
         self._throttle = Throttle()
+        self.replay = ReplayCache()
+        self.spa: SpaReceiver | None = SpaReceiver(runtime.verifier, self.replay) if runtime.verifier else None
+        self._next_junk_summary = 0.0
+
+    @property
+    def spa_port(self) -> int | None:
+        return self.runtime.config.options.spa_port if self.spa is not None else None
 
     # -- set-up ------------------------------------------------------------------
 
@@ -156,6 +175,9 @@ class Daemon:
         return self.settings.interfaces or self.runtime.config.options.interfaces or (ANY,)
 
     def start(self) -> None:
+        # Replays stay refused across restarts (and reboots, with StateDir on disk).
+        for nonce, until in self.manager.journal.replay_entries(time.time()):
+            self.replay.add(nonce, until)
         self.monitor = netlink.Monitor()
         self.capture = Capture(self.interfaces, ipv6=not self.settings.only_ipv4)
         self.refresh_addresses()
@@ -198,6 +220,8 @@ class Daemon:
         for d in self.matcher.doors:
             for s in d.sequence:
                 steps.add((s.proto, s.port, d.tcpflags))
+        if self.spa_port is not None:
+            steps.add(("udp", self.spa_port, None))
         expr = knock_filter(local | targets, steps)
         if expr != self.filter_expression:
             try:
@@ -276,6 +300,13 @@ class Daemon:
             self.publish()
         for e in self.matcher.expire(time.monotonic()):
             self._log_event(e)
+        if self.spa is not None:
+            self.replay.prune(time.time())
+            if time.monotonic() >= self._next_junk_summary:
+                self._next_junk_summary = time.monotonic() + JUNK_SUMMARY_INTERVAL
+                line = self.spa.summary()
+                if line:
+                    log.warning("%s", line)
         assert self.capture is not None
         if self.capture.refresh():
             self._sync_sockets()
@@ -287,12 +318,15 @@ class Daemon:
             self._sync_sockets()
             return
         debug = log.isEnabledFor(logging.DEBUG)
+        spa_port = self.spa_port
         for data, ts in packets:
             k = parse_ip(data, ts)
             if k is None:
                 self.stats["malformed"] += 1
                 continue
             self.stats["knocks"] += 1
+            if k.dport == spa_port and k.proto == "udp":
+                self._spa_packet(data, k)
             if debug:
                 # knockd -D's packet line, with the right month (knockd prints it one too low).
                 log.debug("%s: %s: %s:%d -> %s:%d %d bytes", time.strftime("%Y-%m-%d %H:%M:%S"), k.proto,
@@ -301,6 +335,25 @@ class Daemon:
                 self._log_event(e, ts)
                 if e.kind == "open":
                     self._opened(e, k)
+
+    def _spa_packet(self, data, k: Knock) -> None:
+        assert self.spa is not None
+        payload = udp_payload(data)
+        if payload is None:
+            self.stats["malformed"] += 1
+            return
+        acc = self.spa.handle(payload, k.src)
+        if acc is None:
+            return
+        door = self.runtime.doors.get(acc.door)
+        grant = door_grant(door, acc.address, acc.duration) if door is not None else None
+        events.info("%s: %s: OPEN SESAME (SPA key %s%s) for %s, %.0f s", self.names(k.src), acc.door, acc.key_id,
+                    f" {acc.comment}" if acc.comment else "", acc.address, acc.duration)
+        self.stats["opens"] += 1
+        if grant is not None:
+            self.manager.submit(grant, (acc.nonce, acc.remember_until))
+        else:  # a door that only logs: the nonce is still kept, off the loop
+            self._io.submit(self.manager.journal.remember, [(acc.nonce, acc.remember_until)])
 
     def _log_event(self, e: MatchEvent, now: float | None = None) -> None:
         self.event_counts[e.kind] += 1
@@ -380,6 +433,12 @@ class Daemon:
         for w in new.warnings:
             log.warning("%s", w)
         self.runtime = new
+        if new.verifier is None:
+            self.spa = None
+        elif self.spa is None:
+            self.spa = SpaReceiver(new.verifier, self.replay)
+        else:
+            self.spa.verifier = new.verifier  # the replay cache and counters carry over
         self.matcher.set_doors(new.match_doors())
         self.refresh_addresses()
         self.stats["reloads"] += 1
@@ -414,6 +473,10 @@ class Daemon:
             Metric("spa_interface_up", "gauge", "1 when capturing on the interface.",
                    {(("interface", name),): int(state == "open") for name, state in up.items()}),
             Metric("spa_start_time_seconds", "gauge", "Unix time the daemon started.", {(): self.started}),
+            Metric("spa_spa_packets_total", "counter", "Datagrams on the SPA port, by result.",
+                   {(("result", "accepted"),): self.spa.accepted if self.spa else 0,
+                    **{(("result", r),): n for r, n in (self.spa.rejected.items() if self.spa else ())}}),
+            Metric("spa_replay_cache_entries", "gauge", "Nonces remembered against replay.", {(): len(self.replay)}),
         ]
 
     def publish(self) -> None:

@@ -61,6 +61,8 @@ class GrantManager:
         # Keyed by (door, address): a flood of completed knocks from one
         # source collapses into one pending grant; bounded, oldest dropped.
         self._pending: collections.OrderedDict[tuple, Grant] = collections.OrderedDict()
+        # SPA replay-cache entries of the pending grants: journaled with them.
+        self._nonces: list[tuple[bytes, float]] = []
         self._heap: list[tuple[float, str, str]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -119,9 +121,15 @@ class GrantManager:
 
     # -- granting ------------------------------------------------------------
 
-    def submit(self, grant: Grant) -> None:
-        """Queue a grant; returns at once (safe from the capture loop)."""
+    def submit(self, grant: Grant, nonce: tuple[bytes, float] | None = None) -> None:
+        """Queue a grant; returns at once (safe from the capture loop).
+
+        ``nonce`` is the SPA packet's replay-cache entry ``(nonce, until)``:
+        it is on disk before the grant reaches the firewall.
+        """
         with self._cond:
+            if nonce is not None:
+                self._nonces.append(nonce)
             self._pending.pop(grant.key, None)
             self._pending[grant.key] = grant
             while len(self._pending) > MAX_PENDING:
@@ -158,7 +166,7 @@ class GrantManager:
             )
             return held
 
-    def grant_many(self, grants: list[Grant]) -> list[ActiveGrant]:
+    def grant_many(self, grants: list[Grant], nonces: list[tuple[bytes, float]] = ()) -> list[ActiveGrant]:
         """Open a batch: one journal commit and one firewall transaction for all native grants.
 
         Under a flood of completed knocks this is what keeps the queue short:
@@ -168,6 +176,10 @@ class GrantManager:
         """
         held_all: list[ActiveGrant] = []
         with self._lock:
+            native = [g for g in grants if g.commands is None and self.native is not None]
+            if nonces and len(native) < len(grants):
+                self.journal.remember(list(nonces))  # before any command runs
+                nonces = ()
             native = []
             for g in grants:
                 if g.commands is None and self.native is not None:
@@ -183,7 +195,7 @@ class GrantManager:
                 entry = self.journal.get(g.door, g.address)
                 previous = entry.grant if entry is not None and not entry.closing else None
                 pairs.append((regrant(previous, g, now), previous))
-            self.journal.put_many([h for h, _ in pairs], self.native.name)
+            self.journal.put_many([h for h, _ in pairs], self.native.name, list(nonces))
             try:
                 self.native.open_many(pairs)
             except FirewallError as exc:
@@ -354,8 +366,9 @@ class GrantManager:
                     return
                 batch = list(self._pending.values())
                 self._pending.clear()
+                nonces, self._nonces = self._nonces, []
             try:
-                self.grant_many(batch)
+                self.grant_many(batch, nonces)
             except Exception:  # noqa: BLE001 - the journal or a bug; log and keep the worker alive
                 log.exception("opening a batch of %d grants failed", len(batch))
 
@@ -385,6 +398,7 @@ class GrantManager:
                 if time.monotonic() >= next_repair:
                     next_repair = time.monotonic() + self.repair_interval
                     self.repair()
+                    self.journal.prune_replay(self._clock())
                     # Grants opened by another process (``spa grant``) are in
                     # the journal but not in our schedule: sweep for them too.
                     self.expire_due()

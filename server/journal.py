@@ -36,6 +36,10 @@ CREATE TABLE IF NOT EXISTS grants (
     closing  INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (door, address)
 );
+CREATE TABLE IF NOT EXISTS replay (
+    nonce BLOB PRIMARY KEY,
+    until REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 
@@ -84,8 +88,13 @@ class Journal:
         """Record (or update) a grant; durable when this returns."""
         self.put_many([grant], backend)
 
-    def put_many(self, grants: list[ActiveGrant], backend: str) -> None:
-        """Record several grants in one transaction (one fsync); durable when this returns."""
+    def put_many(self, grants: list[ActiveGrant], backend: str, nonces: list[tuple[bytes, float]] = ()) -> None:
+        """Record several grants in one transaction (one fsync); durable when this returns.
+
+        ``nonces`` are SPA replay-cache entries ``(nonce, until)`` committed in
+        the same transaction: a packet's nonce is on disk before its grant
+        reaches the firewall, at no extra fsync.
+        """
         now = time.time()
         rows = [
             (g.door, str(g.address), ",".join(str(p) for p in g.ports), g.deadline,
@@ -95,6 +104,8 @@ class Journal:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                if nonces:
+                    self._db.executemany("INSERT OR REPLACE INTO replay (nonce, until) VALUES (?, ?)", nonces)
                 self._db.executemany(
                     "INSERT INTO grants (door, address, ports, deadline, commands, backend, created, closing)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, 0)"
@@ -106,6 +117,19 @@ class Journal:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def remember(self, nonces: list[tuple[bytes, float]]) -> None:
+        """Record SPA replay-cache entries alone (durable when this returns)."""
+        self.put_many([], "", nonces)
+
+    def replay_entries(self, now: float) -> list[tuple[bytes, float]]:
+        """The replay-cache entries still in force (loaded at start: replays stay refused across restarts)."""
+        with self._lock:
+            return self._db.execute("SELECT nonce, until FROM replay WHERE until > ?", (now,)).fetchall()
+
+    def prune_replay(self, now: float) -> int:
+        with self._lock:
+            return self._db.execute("DELETE FROM replay WHERE until <= ?", (now,)).rowcount
 
     def get(self, door: str, address) -> JournalEntry | None:
         with self._lock:

@@ -214,5 +214,19 @@ def demo(duration: float) -> None:
     raise SystemExit(run_demo(duration))
 
 
+def _register() -> None:
+    from spa.cli_keys import keygen, trust
+
+    main.add_command(keygen)
+    main.add_command(trust)
+    try:
+        from spa.cli_rotating import sequence
+    except ImportError:  # pragma: no cover - during development only
+        return
+    main.add_command(sequence)
+
+
+_register()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

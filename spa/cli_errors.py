@@ -1,7 +1,7 @@
 """The one place that maps exceptions to messages and exit codes, for every command.
 
 Exit codes: 0 success; 1 any other failure of ours; 2 bad input (usage,
-configuration, address, port, duration); 3 the firewall backend cannot run
+configuration, key file, address, port, duration); 3 the firewall backend cannot run
 here (binary or library missing); 4 the firewall refused an operation.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from spa.errors import BackendUnavailable, ConfigError, FirewallError, InvalidGrant, SpaError
+from spa.errors import BackendUnavailable, ConfigError, FirewallError, InvalidGrant, KeyFileError, SpaError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -27,7 +27,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def exit_code_for(exc: BaseException) -> int:
-    if isinstance(exc, (InvalidGrant, ConfigError)):
+    if isinstance(exc, (InvalidGrant, ConfigError, KeyFileError)):
         return EXIT_BAD_INPUT
     if isinstance(exc, BackendUnavailable):
         return EXIT_BACKEND_UNAVAILABLE

@@ -41,6 +41,10 @@ BACKENDS = ("auto", "nft", "iptables")
 
 DEFAULT_SEQ_TIMEOUT = 25.0
 DEFAULT_CMD_TIMEOUT = 10.0
+DEFAULT_SPA_PORT = 62201
+DEFAULT_SPA_WINDOW = 60.0
+#: A wider window keeps more replay-cache entries and helps a recorded packet live longer.
+MAX_SPA_WINDOW = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,27 @@ class Door:
     target: Address | None = None
     #: Ports opened natively by the firewall backend (no shell); sorted, no repeats.
     open: tuple[PortSpec, ...] = ()
+    #: SPA: the file of client public keys this door accepts (path as written).
+    authorized_keys: str | None = None
+    #: SPA: grant the packet's source address instead of the address signed
+    #: inside the packet (for clients behind NAT; see docs/protocol.md).
+    spa_use_source: bool = False
+    #: Rotating sequences: shared-key files (paths as written).
+    rotating_key: tuple[str, ...] = ()
+    #: Rotating sequences: mix the knocking address into the derivation.
+    rotating_bind_source: bool = False
+
+    @property
+    def triggers(self) -> tuple[str, ...]:
+        """What can open this door: ``sequence``, ``spa``, ``rotating`` (in that order)."""
+        out = []
+        if self.sequence or self.one_time_sequences is not None:
+            out.append("sequence")
+        if self.authorized_keys is not None:
+            out.append("spa")
+        if self.rotating_key:
+            out.append("rotating")
+        return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +102,12 @@ class Options:
     interfaces: tuple[str, ...] = ()
     backend: str | None = None
     state_dir: str | None = None
+    #: SPA: the server's private key file.
+    server_key: str | None = None
+    #: SPA: the UDP port sniffed for SPA packets (never listened on).
+    spa_port: int = DEFAULT_SPA_PORT
+    #: SPA: how far a packet's timestamp may be from the server's clock, either way.
+    spa_window: float = DEFAULT_SPA_WINDOW
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +139,19 @@ _KEYS: dict[str, tuple[str, str, str]] = {
     "CMD_TIMEOUT": ("Cmd_Timeout", _DOOR, "seconds"),
     "TARGET": ("Target", _DOOR, "address"),
     "OPEN": ("Open", _DOOR, "ports"),
+    "AUTHORIZED_KEYS": ("Authorized_Keys", _DOOR, "path"),
+    "SPA_USE_SOURCE": ("SPA_Use_Source", _DOOR, "bool"),
+    "ROTATING_KEY": ("Rotating_Key", _DOOR, "paths"),
+    "ROTATING_BIND_SOURCE": ("Rotating_Bind_Source", _DOOR, "bool"),
     "USESYSLOG": ("UseSyslog", _OPTIONS, "bool"),
     "LOGFILE": ("LogFile", _OPTIONS, "path"),
     "PIDFILE": ("PidFile", _OPTIONS, "path"),
     "INTERFACE": ("Interface", _OPTIONS, "interfaces"),
     "BACKEND": ("Backend", _OPTIONS, "backend"),
     "STATEDIR": ("StateDir", _OPTIONS, "path"),
+    "SERVERKEY": ("ServerKey", _OPTIONS, "path"),
+    "SPAPORT": ("SpaPort", _OPTIONS, "port"),
+    "SPAWINDOW": ("SpaWindow", _OPTIONS, "window"),
 }
 
 _DOOR_FIELDS = {
@@ -128,6 +166,10 @@ _DOOR_FIELDS = {
     "Cmd_Timeout": "cmd_timeout",
     "Target": "target",
     "Open": "open",
+    "Authorized_Keys": "authorized_keys",
+    "SPA_Use_Source": "spa_use_source",
+    "Rotating_Key": "rotating_key",
+    "Rotating_Bind_Source": "rotating_bind_source",
 }
 _OPTION_FIELDS = {
     "UseSyslog": "use_syslog",
@@ -136,6 +178,9 @@ _OPTION_FIELDS = {
     "Interface": "interfaces",
     "Backend": "backend",
     "StateDir": "state_dir",
+    "ServerKey": "server_key",
+    "SpaPort": "spa_port",
+    "SpaWindow": "spa_window",
 }
 
 _TRUE = {"yes", "true", "on", "1"}
@@ -388,6 +433,19 @@ def _convert(canonical: str, kind: str, value: str, number: int, problems: _Prob
         result = _open_ports(value, number, problems)
     elif kind == "interfaces":
         result = _interfaces(value, number, problems)
+    elif kind == "port":
+        result = int(value) if _DIGITS_RE.fullmatch(value) and 1 <= int(value) <= 65535 else None
+        if result is None:
+            problems.error(number, f"'{canonical}' must be a port number (1-65535), not {value!r}")
+    elif kind == "window":
+        result = _seconds(canonical, value, number, problems)
+        if result is not None and result > MAX_SPA_WINDOW:
+            problems.error(number, f"'{canonical}' of {value} s is too wide (at most {MAX_SPA_WINDOW:.0f} s)")
+            result = None
+    elif kind == "paths":
+        result = tuple(p.strip() for p in value.split(",") if p.strip()) or None
+        if result is None:
+            problems.error(number, f"'{canonical}' needs at least one path")
     elif kind == "backend":
         result = value.lower()
         if result not in BACKENDS:
@@ -437,8 +495,13 @@ def _door(section: _Section, problems: _Problems) -> Door | None:
     name, line = section.name, section.line
     seq_line = section.line_of("Sequence")
     ots_line = section.line_of("One_Time_Sequences")
-    if seq_line is None and ots_line is None:
-        problems.error(line, f"door {name!r} has no knock sequence (give 'Sequence' or 'One_Time_Sequences')")
+    other = section.line_of("Authorized_Keys") or section.line_of("Rotating_Key")
+    if seq_line is None and ots_line is None and other is None:
+        problems.error(
+            line,
+            f"door {name!r} has no knock sequence (give 'Sequence' or 'One_Time_Sequences', "
+            "or 'Authorized_Keys' for SPA, or 'Rotating_Key' for rotating sequences)",
+        )
     elif seq_line is not None and ots_line is not None:
         problems.error(
             max(seq_line, ots_line),
@@ -451,6 +514,10 @@ def _door(section: _Section, problems: _Problems) -> Door | None:
         problems.warn(line, f"door {name!r} has no 'Start_Command' and no 'Open': a completed knock is only logged")
     if (stop and not start) or (stop6 and not (start6 if start6 is not None else start)):
         problems.warn(line, f"door {name!r} has a stop command but no start command: it never runs (as in knockd)")
+    for key, needs in (("SPA_Use_Source", "Authorized_Keys"), ("Rotating_Bind_Source", "Rotating_Key")):
+        at = section.line_of(key)
+        if at is not None and section.line_of(needs) is None:
+            problems.warn(at, f"'{key}' has no effect in door {name!r}: it has no '{needs}'")
     if any(v is _INVALID for v, _ in section.values.values()):
         return None
     fields: dict[str, Any] = {_DOOR_FIELDS[k]: v for k, (v, _) in section.values.items()}
@@ -555,6 +622,11 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         )
 
     built = [_door(section, problems) for section in doors]
+    if options.line_of("ServerKey") is None:
+        for section in doors:
+            at = section.line_of("Authorized_Keys")
+            if at is not None:
+                problems.error(at, f"door {section.name!r} accepts SPA but [options] has no 'ServerKey'")
     problems.raise_if_any()
     warnings = tuple(f"{path}:{line}: {message}" for line, message in sorted(problems.warnings, key=lambda w: w[0]))
     return Config(

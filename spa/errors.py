@@ -72,3 +72,30 @@ class FirewallError(SpaError):
 
 class BackendUnavailable(FirewallError):
     """The chosen firewall backend cannot run on this host (binary or library missing)."""
+
+
+class KeyFileError(SpaError):
+    """A key file that is missing, unreadable, unsafe or malformed; names the file (and line)."""
+
+    def __init__(self, message: str, path: str | None = None, line: int | None = None):
+        self.message = message
+        self.path = path
+        self.line = line
+        where = ""
+        if path is not None:
+            where = f"{path}:{line}: " if line is not None else f"{path}: "
+        super().__init__(f"{where}{message}")
+
+
+class PacketRejected(SpaError):
+    """An SPA packet or rotating knock that must not open anything.
+
+    ``reason`` is a short stable word for counters (``size``, ``version``,
+    ``unknown-key``, ``aead``, ``stale``, ``future``, ``replay``,
+    ``signature``, ``policy``, ...); the message says more for the log.
+    """
+
+    def __init__(self, reason: str, message: str = ""):
+        self.reason = reason
+        self.message = message or reason
+        super().__init__(self.message)

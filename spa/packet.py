@@ -14,7 +14,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 from spa.knock import Knock
 
-__all__ = ["parse_ip", "MAX_IPV6_EXTENSION_HEADERS"]
+__all__ = ["parse_ip", "udp_payload", "MAX_IPV6_EXTENSION_HEADERS"]
 
 #: IPv6 extension headers walked before giving up (a knock has none in practice).
 MAX_IPV6_EXTENSION_HEADERS = 8
@@ -32,6 +32,7 @@ _IP6 = struct.Struct("!4xHBx16s16s")
 _TCP_HDR = struct.Struct("!HHI4xBB")
 _TCP_MIN = 20
 _UDP_HDR = struct.Struct("!HH")
+_UDP_LEN = struct.Struct("!H")
 _UDP_MIN = 8
 _FRAG_OFFSET = struct.Struct("!H")
 
@@ -43,8 +44,8 @@ _CACHE_MAX = 4096
 _addresses: dict[int | bytes, IPv4Address | IPv6Address] = {}
 
 
-def parse_ip(data: bytes | bytearray | memoryview, time: float) -> Knock | None:
-    """The ``Knock`` in one raw IPv4 or IPv6 packet, or ``None``."""
+def _locate(data: bytes | bytearray | memoryview) -> tuple[int, int, int, int, int | bytes, int | bytes] | None:
+    """(version, protocol, transport offset, end, src, dst) of a TCP/UDP packet we can read, else None."""
     n = len(data)
     if n < 20:
         return None
@@ -90,6 +91,29 @@ def parse_ip(data: bytes | bytearray | memoryview, time: float) -> Knock | None:
         src, dst = src6, dst6
     else:
         return None
+    return version, proto, off, end, src, dst
+
+
+def udp_payload(data: bytes | bytearray | memoryview) -> bytes | None:
+    """The payload of a UDP datagram (an SPA packet), bounded by the UDP length; None if not one."""
+    found = _locate(data)
+    if found is None or found[1] != _UDP:
+        return None
+    _, _, off, end, _, _ = found
+    if off + _UDP_MIN > end:
+        return None
+    length = _UDP_LEN.unpack_from(data, off + 4)[0]
+    if length < _UDP_MIN or off + length > end:
+        return None
+    return bytes(data[off + _UDP_MIN : off + length])
+
+
+def parse_ip(data: bytes | bytearray | memoryview, time: float) -> Knock | None:
+    """The ``Knock`` in one raw IPv4 or IPv6 packet, or ``None``."""
+    found = _locate(data)
+    if found is None:
+        return None
+    version, proto, off, end, src, dst = found
 
     if proto == _TCP:
         if off + _TCP_MIN > end:

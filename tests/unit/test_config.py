@@ -450,11 +450,13 @@ UNKNOWN_FLAG = "(fin, syn, rst, psh, ack or urg, each optionally prefixed with '
         ("sequence = 1\n", [(1, "directive before the first [section]")]),
         ("UseSyslog\n", [(1, "directive before the first [section]")]),
         ("[d]\nsequnce = 1\n",
-         [(2, "unknown key 'sequnce'"), (1, "door 'd' has no knock sequence (give 'Sequence' or 'One_Time_Sequences')")]),
+         [(2, "unknown key 'sequnce'"), (1, "door 'd' has no knock sequence (give 'Sequence' or 'One_Time_Sequences', "
+                                            "or 'Authorized_Keys' for SPA, or 'Rotating_Key' for rotating sequences)")]),
         ("[d]\nsequence = 1\nSequnce = 2\n", [(3, "unknown key 'Sequnce'")]),
         ("[d]\nsequence = 1\nfoo bar\n", [(3, "line has no '=': 'foo bar'")]),
         ("[d]\nsequence = 1\n= 5\n", [(3, "line has no key before '=': '= 5'")]),
-        ("[d]\ncommand = x\n", [(1, "door 'd' has no knock sequence (give 'Sequence' or 'One_Time_Sequences')")]),
+        ("[d]\ncommand = x\n", [(1, "door 'd' has no knock sequence (give 'Sequence' or 'One_Time_Sequences', "
+                                            "or 'Authorized_Keys' for SPA, or 'Rotating_Key' for rotating sequences)")]),
         ("[d]\nsequence = abc\n", [(2, "port 'abc' is not a number")]),
         ("[d]\nsequence = -1\n", [(2, "port -1 is out of range (1-65535)")]),
         ("[d]\nsequence = 0\n", [(2, "port 0 is out of range (1-65535)")]),
@@ -541,7 +543,8 @@ def test_errors_come_in_line_order_with_path():
     want = [
         (1, "directive before the first [section]"),
         (3, "unknown backend 'pf' (auto, nft or iptables)"),
-        (4, "door 'A' has no knock sequence (give 'Sequence' or 'One_Time_Sequences')"),
+        (4, "door 'A' has no knock sequence (give 'Sequence' or 'One_Time_Sequences', "
+        "or 'Authorized_Keys' for SPA, or 'Rotating_Key' for rotating sequences)"),
         (7, "port 'abc' is not a number"),
         (7, "port 70000 is out of range (1-65535)"),
         (8, f"unknown TCP flag 'sin' {UNKNOWN_FLAG}"),
