@@ -73,7 +73,10 @@ class SpaReceiver:
             acc = self.verifier.check(payload, source, now, self.replay.__contains__)
         except PacketRejected as exc:
             self.rejected[exc.reason] += 1
-            if exc.reason not in JUNK and self._throttle.allow(now):
+            if exc.reason in JUNK:
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("%s: SPA packet dropped (%s): %s", source, exc.reason, exc.message)
+            elif self._throttle.allow(now):
                 log.warning("%s: SPA packet rejected (%s): %s", source, exc.reason, exc.message)
             return None
         # In memory at once: a copy arriving before the journal commit is a replay too.

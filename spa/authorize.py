@@ -65,6 +65,12 @@ class Accepted:
     skew: float
 
 
+#: Hints are indexed this far beyond the time window, so that a client whose
+#: clock is off by up to this much is told so (with the offset) instead of
+#: being indistinguishable from junk. Such packets still fail the time check.
+SKEW_REPORT = 900.0
+
+
 class Verifier:
     """Holds the pair keys of every authorized client and the hint index for the current epochs."""
 
@@ -90,8 +96,9 @@ class Verifier:
         return len(self.clients)
 
     def _refresh(self, now: float) -> None:
-        lo = protocol.epoch_of(max(0, math.floor((now - self.window) * 1000)))
-        hi = protocol.epoch_of(max(0, math.floor((now + self.window) * 1000)))
+        reach = self.window + SKEW_REPORT
+        lo = protocol.epoch_of(max(0, math.floor((now - reach) * 1000)))
+        hi = protocol.epoch_of(max(0, math.floor((now + reach) * 1000)))
         if (lo, hi) == self._epochs:
             return
         old_lo, old_hi = self._epochs

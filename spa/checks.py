@@ -41,7 +41,7 @@ def check(config: Config, listening: Iterable[PortSpec] = ()) -> list[Finding]:
     seen: dict[tuple[PortSpec, ...], Door] = {}
     for d in config.doors:
         seq = d.sequence
-        if d.one_time_sequences is None:
+        if seq and d.one_time_sequences is None:
             if seq in seen:
                 found.append(Finding(path, d.line, f"door {d.name!r} has the same sequence as door {seen[seq].name!r}: "
                                                    "one knock opens both"))

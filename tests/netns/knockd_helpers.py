@@ -31,8 +31,10 @@ class Server:
         else:
             argv = [sys.executable, "-m", "spa.server.cli", "-c", str(self.config), "-i", "veth0", "-g", str(self.log),
                     "--state-dir", str(tmp / "state"), *extra]
+        ready = "listening on" if real_knockd else "starting up"
+        before = self.text().count(ready)  # a restarted server appends to the same log
         self.proc = lab.exec_server(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
-        if not self.wait_log("listening on" if real_knockd else "starting up", 10):
+        if not self.wait_log(ready, 10, count=before + 1):
             self.stop()
             raise RuntimeError(f"server did not start:\n{self.output()}")
 

@@ -1,0 +1,255 @@
+"""SPA end to end: real keys, a real spa-server sniffing in a namespace, nftables, and TCP connects.
+
+Each test starts one server; every packet goes over the lab's veth pair
+between documentation addresses.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from spa import protocol
+from spa.grant import parse_address
+from spa.keys import ed25519
+from spa.server.netns import CLIENT2_V4, CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, in_netns
+from tests.netns.knockd_helpers import ROOT, Server, knock_client, run_client
+
+pytestmark = pytest.mark.netns
+
+SPA_PORT = 62201
+DURATION = 1.5
+
+
+class Keys:
+    def __init__(self, tmp: Path):
+        self.dir = tmp
+        self.server = ed25519.generate(str(tmp / "server.key"), "server", "server")
+        self.client = ed25519.generate(str(tmp / "client.key"), "client", "alice")
+        self.other = ed25519.generate(str(tmp / "other.key"), "client", "mallory")
+
+    def authorize(self, name: str, *lines: str) -> Path:
+        path = self.dir / name
+        path.write_text("".join(line if line.endswith("\n") else line + "\n" for line in lines))
+        return path
+
+    def pub_line(self, pair=None) -> str:
+        return Path((pair or self.client).path + ".pub").read_text().strip()
+
+
+def config(keys: Keys, doors: str, options: str = "") -> str:
+    return f"""[options]
+    ServerKey = {keys.server.path}
+    {options}
+{doors}"""
+
+
+def door(name: str, authorized: Path, extra: str = "") -> str:
+    return f"""[{name}]
+    authorized_keys = {authorized}
+    open = 22/tcp
+    cmd_timeout = {DURATION}
+    {extra}
+"""
+
+
+def packet(keys: Keys, door_name: str = "ssh", address: str = CLIENT_V4, *, pair=None, server_public=None,
+           offset: float = 0.0, duration: int = 0) -> bytes:
+    pair = pair or keys.client
+    return protocol.build(pair.private.seed, server_public or keys.server.public.public, door_name,
+                          parse_address(address), duration, time_ms=int((time.time() + offset) * 1000))
+
+
+def send(lab, data: bytes, source: str = CLIENT_V4, server: str = SERVER_V4) -> None:
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    with in_netns(lab.client):
+        s = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        s.bind((source, 0))
+        s.sendto(data, (server, SPA_PORT))
+    finally:
+        s.close()
+
+
+def stays_closed(lab, address: str = SERVER_V4, source: str | None = None, wait: float = 0.4) -> bool:
+    time.sleep(wait)
+    return not lab.probe(address, source=source)
+
+
+@pytest.fixture
+def keys(tmp_path):
+    return Keys(tmp_path)
+
+
+def test_keygen_trust_knock_client_opens_for_the_client_only_then_closes(lab, tmp_path):
+    lab.default_deny("nft")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home)}
+
+    def spa(*args):
+        return subprocess.run([sys.executable, "-m", "spa.cli", *args], capture_output=True, text=True, env=env,
+                              cwd=ROOT, timeout=30)
+
+    assert spa("keygen", "--server", "-o", str(tmp_path / "server.key")).returncode == 0
+    assert spa("keygen", "-o", str(home / "key")).returncode == 0
+    assert (os.stat(home / "key").st_mode & 0o777) == 0o600
+    r = spa("trust", SERVER_V4, str(tmp_path / "server.key.pub"))
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "authorized_keys").write_text((home / "key.pub").read_text())
+    server = Server(lab, tmp_path, config_text=f"""[options]
+    ServerKey = {tmp_path / "server.key"}
+[ssh]
+    authorized_keys = authorized_keys
+    open = 22/tcp
+    cmd_timeout = {DURATION}
+""")
+    try:
+        assert not lab.probe(SERVER_V4)
+        r = run_client(lab, "env", f"HOME={home}", sys.executable, "-m", "spa.client.cli", "-v",
+                       "--key", str(home / "key"), SERVER_V4, "ssh")
+        assert r.returncode == 0, r.stderr
+        assert f"opening for {CLIENT_V4}" in r.stdout
+        assert lab.wait_for(True, SERVER_V4, limit=2) is not None
+        assert not lab.probe(SERVER_V4, source=CLIENT2_V4)  # the client's address only
+        assert server.wait_log("ssh: OPEN SESAME (SPA key")
+        assert lab.wait_for(False, SERVER_V4, limit=DURATION + 2) is not None
+    finally:
+        server.stop()
+
+
+def test_replay_is_refused_from_any_address_and_after_a_restart(lab, tmp_path, keys):
+    lab.default_deny("nft")
+    text = config(keys, door("ssh", keys.authorize("authorized_keys", keys.pub_line())))
+    server = Server(lab, tmp_path, config_text=text)
+    captured = packet(keys)
+    try:
+        send(lab, captured)
+        assert lab.wait_for(True, SERVER_V4, limit=2) is not None
+        assert lab.wait_for(False, SERVER_V4, limit=DURATION + 2) is not None
+        send(lab, captured)  # the same bytes, same source
+        assert server.wait_log("rejected (replay)")
+        send(lab, captured, source=CLIENT2_V4)  # another source
+        assert server.wait_log("rejected (replay)", count=2)
+        assert stays_closed(lab) and stays_closed(lab, source=CLIENT2_V4, wait=0)
+        server.stop()
+        server = Server(lab, tmp_path, config_text=text, extra=("-D",))
+        send(lab, captured)
+        assert server.wait_log("rejected (replay)", count=3)
+        assert stays_closed(lab)
+        send(lab, packet(keys))  # a fresh packet still works
+        assert lab.wait_for(True, SERVER_V4, limit=2) is not None
+    finally:
+        server.stop()
+
+
+def test_every_bad_packet_is_rejected_and_nothing_opens(lab, tmp_path, keys):
+    lab.default_deny("nft")
+    authorized = keys.authorize("authorized_keys", keys.pub_line())
+    expired = keys.authorize("expired_keys", "expires=2020-01-01 " + keys.pub_line())
+    fenced = keys.authorize("fenced_keys", "from=198.51.100.0/24 " + keys.pub_line())
+    other_only = keys.authorize("other_keys", keys.pub_line(keys.other))
+    text = config(keys, door("ssh", authorized) + door("old", expired) + door("fenced", fenced)
+                  + door("others", other_only))
+    server = Server(lab, tmp_path, config_text=text, extra=("-D",))
+    another_server = protocol.public_of(os.urandom(32))
+    good = packet(keys)
+    try:
+        cases = []
+        for bit in (0, 8 * 1 + 3, 8 * 20, 8 * 40 + 7, 8 * 100, 8 * (len(good) - 1)):  # version, hint, nonce, body, tag
+            flipped = bytearray(good)
+            flipped[bit // 8] ^= 1 << (bit % 8)
+            cases.append((bytes(flipped), "dropped"))
+        cases += [
+            (good[:-1], "dropped (size)"),
+            (good + b"\0", "dropped (size)"),
+            (packet(keys, offset=-120), "rejected (stale)"),
+            (packet(keys, offset=+120), "rejected (future)"),
+            (packet(keys, server_public=another_server), "dropped (unknown-key)"),
+            (packet(keys, "others"), "rejected (policy)"),
+            (packet(keys, "nosuchdoor"), "rejected (policy)"),
+            (packet(keys, "old"), "rejected (expired)"),
+            (packet(keys, "fenced"), "rejected (from)"),
+            (packet(keys, pair=keys.other), "dropped (unknown-key)"),
+        ]
+        for i, (data, reason) in enumerate(cases):
+            send(lab, data)
+            assert server.wait_log(reason, count=sum(1 for _, r in cases[: i + 1] if r == reason)), (i, reason)
+        assert stays_closed(lab)
+        assert server.text().count("OPEN SESAME") == 0
+        send(lab, good)  # the untouched original is still good: nothing above consumed it
+        assert lab.wait_for(True, SERVER_V4, limit=2) is not None
+    finally:
+        server.stop()
+
+
+def test_ipv6_end_to_end_and_allow_ip_opens_only_that_address(lab, tmp_path, keys):
+    lab.default_deny("nft")
+    text = config(keys, door("ssh", keys.authorize("authorized_keys", keys.pub_line())))
+    server = Server(lab, tmp_path, config_text=text)
+    common = ("--key", keys.client.path, "--server-key", keys.server.path + ".pub")
+    try:
+        r = knock_client(lab, *common, "-6", SERVER_V6, "ssh")
+        assert r.returncode == 0, r.stderr
+        assert lab.wait_for(True, SERVER_V6, limit=2) is not None
+        assert not lab.probe(SERVER_V4)
+        r = knock_client(lab, *common, "--allow-ip", CLIENT2_V4, SERVER_V4, "ssh")
+        assert r.returncode == 0, r.stderr
+        assert lab.wait_for(True, SERVER_V4, source=CLIENT2_V4, limit=2) is not None
+        assert not lab.probe(SERVER_V4, source=CLIENT_V4)
+    finally:
+        server.stop()
+
+
+def test_source_address_door_grants_the_sender_not_the_signed_address(lab, tmp_path, keys):
+    lab.default_deny("nft")
+    text = config(keys, door("nat", keys.authorize("authorized_keys", keys.pub_line()), "spa_use_source = yes"))
+    server = Server(lab, tmp_path, config_text=text)
+    try:
+        send(lab, packet(keys, "nat", address=CLIENT2_V4), source=CLIENT_V4)
+        assert lab.wait_for(True, SERVER_V4, source=CLIENT_V4, limit=2) is not None
+        assert not lab.probe(SERVER_V4, source=CLIENT2_V4)
+    finally:
+        server.stop()
+
+
+def test_rotation_without_lockout_then_revocation_by_sighup(lab, tmp_path, keys):
+    lab.default_deny("nft")
+    old_line = keys.pub_line()
+    new, old_path = ed25519.rotate(keys.client.path)
+    old = ed25519.load(old_path)
+    assert old.public == keys.client.public and new.public != old.public
+    authorized = keys.authorize("authorized_keys", old_line, keys.pub_line(new))
+    server = Server(lab, tmp_path, config_text=config(keys, door("ssh", authorized)), extra=("-D",))
+    try:
+        for pair, source in ((old, CLIENT_V4), (new, CLIENT2_V4)):  # both work during the rotation
+            send(lab, packet(keys, address=source, pair=pair), source=source)
+            assert lab.wait_for(True, SERVER_V4, source=source, limit=2) is not None
+        keys.authorize("authorized_keys", keys.pub_line(new))  # the old line removed ...
+        server.signal(signal.SIGHUP)  # ... and the server told
+        assert server.wait_log("re-reading config file")
+        time.sleep(0.3)
+        assert lab.wait_for(False, SERVER_V4, limit=DURATION + 2) is not None
+        send(lab, packet(keys, pair=old))
+        assert server.wait_log("dropped (unknown-key)")  # the server no longer knows the key at all
+        assert stays_closed(lab)
+        send(lab, packet(keys, pair=new))
+        assert lab.wait_for(True, SERVER_V4, limit=2) is not None
+    finally:
+        server.stop()
+
+
+def test_a_bad_authorized_keys_line_refuses_to_start_with_file_and_line(lab, tmp_path, keys):
+    authorized = keys.authorize("authorized_keys", keys.pub_line(), "form=192.0.2.0/24 " + keys.pub_line(keys.other))
+    (tmp_path / "knockd.conf").write_text(config(keys, door("ssh", authorized)))
+    r = subprocess.run([sys.executable, "-m", "spa.server.cli", "-c", str(tmp_path / "knockd.conf"),
+                        "--state-dir", str(tmp_path / "state")], capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert r.returncode == 2
+    assert f"{authorized}:2: unknown option 'form'" in r.stderr
