@@ -10,8 +10,8 @@ parameters and the secrets. It is plain text, ``key = value`` lines and
     ports = 10000-65000
     proto = tcp
     exclude = 62201
-    secret = 5bb6d9fd947ae6c3 qVbf89h/Mj12vSGloFM8mis1ENEqURGzgRR1GBHG7F8= created=2024-11-21T08:00:00Z until=2024-11-28T08:00:00Z
-    secret = 4dfc89b7ca107fef V9/n6JmxJTXEbgMEds7xo9Gi1Vdccjrq2g+yEdte6nw= created=2024-11-21T08:00:00Z
+    secret = 158fb7710b5f0ac1 qVbf89h/Mj12vSGloFM8mis1ENEqURGzgRR1GBHG7F8= created=2024-11-21T08:00:00Z until=2024-11-28T08:00:00Z
+    secret = e7a758c3b2bd01f5 V9/n6JmxJTXEbgMEds7xo9Gi1Vdccjrq2g+yEdte6nw= created=2024-11-21T08:00:00Z
 
 Secrets are listed oldest first. The last one is the current secret: the
 client knocks with it. An older secret carries ``until``: the server still

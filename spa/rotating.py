@@ -43,7 +43,7 @@ ROTATING_PROTOS: tuple[RotatingProto, ...] = ("tcp", "udp", "mixed")
 #: Domain-separation labels: an HMAC under the shared secret made for one
 #: purpose can never be mistaken for one made for another.
 LABEL = b"spa-knock/v1 rotating sequence"
-KEY_ID_LABEL = b"spa-knock/v1 key id"
+KEY_ID_LABEL = b"spa-knock/v1 shared key id"  # not the Ed25519 key id label: one label per derived value
 _PURPOSE_PORTS = b"\x01"
 _PURPOSE_PROTOS = b"\x02"
 _TAG_V4 = b"\x04"

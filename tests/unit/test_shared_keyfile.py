@@ -376,7 +376,7 @@ def test_the_documented_example_parses():
     doc = (Path(__file__).parent.parent.parent / "docs" / "rotating.md").read_text(encoding="utf-8")
     example = doc.split("## The key file", 1)[1].split("```", 2)[1]
     key = shared.parse_key(example, "docs/rotating.md")
-    assert [s.key_id for s in key.secrets] == ["5bb6d9fd947ae6c3", "4dfc89b7ca107fef"]
+    assert [s.key_id for s in key.secrets] == ["158fb7710b5f0ac1", "e7a758c3b2bd01f5"]
     assert key.valid_at(parse_time("2024-11-27T00:00:00Z")) == key.secrets
     assert key.valid_at(parse_time("2024-11-28T08:00:00Z")) == (key.newest,)
     assert shared.parse_key(shared.__doc__.split("::", 1)[1].split("Secrets are", 1)[0], "doc") == key
