@@ -28,6 +28,8 @@ from spa.matcher import MatchDoor, MatchEvent, Matcher
 from spa.metrics import Metric, render
 from spa.packet import parse_ip, udp_payload
 from spa.replay import ReplayCache
+from spa import rotating_match
+from spa.rotating_match import RotatingDoor
 from spa.filter import knock_filter
 from spa.server import netlink
 from spa.server.bpf import DROP_ALL, FilterError, compile_filter
@@ -36,6 +38,7 @@ from spa.server.grants import GrantManager
 from spa.server.logs import Names, Throttle, events
 from spa.server.onetime import OneTimeSequences
 from spa.server.sdnotify import Notifier
+from spa.server.rotating_keys import load_rotating
 from spa.server.spa_receiver import SpaReceiver, load_verifier
 
 log = logging.getLogger("spa.server")
@@ -78,6 +81,8 @@ class Runtime:
     onetime: dict[str, OneTimeSequences] = field(default_factory=dict)
     #: SPA: None when no door accepts SPA.
     verifier: Verifier | None = None
+    #: Doors with rotating sequences, their shared keys loaded.
+    rotating: tuple[RotatingDoor, ...] = ()
 
     @classmethod
     def load(cls, path: str) -> Runtime:
@@ -89,10 +94,11 @@ class Runtime:
                 if not os.path.isabs(p):
                     p = os.path.join(os.path.dirname(os.path.abspath(path)), p)
                 onetime[d.name] = OneTimeSequences(p)
-        return cls(config, {d.name: d for d in config.doors}, onetime, load_verifier(config))
+        return cls(config, {d.name: d for d in config.doors}, onetime, load_verifier(config), load_rotating(config))
 
-    def match_doors(self) -> list[MatchDoor]:
-        out = []
+    def match_doors(self, now: float | None = None) -> list[MatchDoor]:
+        """The classic doors, and the rotating candidates in force at ``now``."""
+        out = rotating_match.plan(self.rotating, time.time() if now is None else now)
         for d in self.doors.values():
             if "sequence" not in d.triggers:
                 continue  # SPA or rotating only: nothing for the static matcher
@@ -153,7 +159,8 @@ class Daemon:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._signals: list[int] = []
-        self.stats: dict[str, int] = {"malformed": 0, "knocks": 0, "opens": 0, "reloads": 0, "reload_failures": 0}
+        self.stats: dict[str, int] = {"malformed": 0, "knocks": 0, "opens": 0, "reloads": 0, "reload_failures": 0,
+                                      "rotating_reused": 0}
         self.event_counts: dict[str, int] = {"stage": 0, "open": 0, "timeout": 0, "reset": 0}
         self.started = time.time()
         self._next_metrics = 0.0
@@ -163,6 +170,7 @@ class Daemon:
         self.replay = ReplayCache()
         self.spa: SpaReceiver | None = SpaReceiver(runtime.verifier, self.replay) if runtime.verifier else None
         self._next_junk_summary = 0.0
+        self._next_rotation = rotating_match.boundaries(runtime.rotating, time.time())
 
     @property
     def spa_port(self) -> int | None:
@@ -218,7 +226,7 @@ class Daemon:
         targets = {d.target for d in self.matcher.doors if d.target is not None}
         steps = set()
         for d in self.matcher.doors:
-            for s in d.sequence:
+            for s in (*d.sequence, *d.guards):
                 steps.add((s.proto, s.port, d.tcpflags))
         if self.spa_port is not None:
             steps.add(("udp", self.spa_port, None))
@@ -263,6 +271,9 @@ class Daemon:
         next_tick = time.monotonic() + TICK
         while True:
             timeout = max(0.0, next_tick - time.monotonic())
+            if self._next_rotation != float("inf"):
+                # Wake exactly at a window boundary: the new sequences and filter go in together.
+                timeout = min(timeout, max(0.0, self._next_rotation - time.time()))
             for key, _mask in self.selector.select(timeout):
                 kind = key.data
                 if kind == "packet":
@@ -286,6 +297,8 @@ class Daemon:
                 else:
                     events.info("shutting down")
                     return
+            if time.time() >= self._next_rotation:
+                self.rotate_sequences()
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + TICK
                 self._tick()
@@ -355,6 +368,19 @@ class Daemon:
         else:  # a door that only logs: the nonce is still kept, off the loop
             self._io.submit(self.manager.journal.remember, [(acc.nonce, acc.remember_until)])
 
+    def rotate_sequences(self) -> None:
+        """A window boundary: swap in the sequences now in force, and the filter for exactly their ports."""
+        now = time.time()
+        self.matcher.set_doors(self.runtime.match_doors(now))
+        self.rebuild_filter()
+        self._next_rotation = rotating_match.boundaries(self.runtime.rotating, now)
+        log.debug("rotating sequences swapped; next change in %.3f s", self._next_rotation - now)
+
+    @staticmethod
+    def _door_label(name: str) -> str:
+        c = rotating_match.parse_name(name)
+        return name if c is None else c.door
+
     def _log_event(self, e: MatchEvent, now: float | None = None) -> None:
         self.event_counts[e.kind] += 1
         if e.kind == "reset" and not log.isEnabledFor(logging.DEBUG):
@@ -363,16 +389,22 @@ class Daemon:
         if e.kind != "open" and not self._throttle.allow(time.monotonic() if now is None else now):
             return
         who = self.names(e.source)
+        door = self._door_label(e.door)
         if e.kind == "stage":
-            events.info("%s: %s: Stage %d", who, e.door, e.stage)
+            events.info("%s: %s: Stage %d", who, door, e.stage)
         elif e.kind == "open":
-            events.info("%s: %s: OPEN SESAME", who, e.door)
+            if door == e.door:  # a rotating open is logged once it is known not to be a second use
+                events.info("%s: %s: OPEN SESAME", who, door)
         elif e.kind == "timeout":
-            events.info("%s: %s: sequence timeout (stage %d)", who, e.door, e.stage)
+            events.info("%s: %s: sequence timeout (stage %d)", who, door, e.stage)
         else:
-            log.debug("%s: %s: sequence reset at stage %d", who, e.door, e.stage)
+            log.debug("%s: %s: sequence reset at stage %d", who, door, e.stage)
 
     def _opened(self, e: MatchEvent, k: Knock) -> None:
+        candidate = rotating_match.parse_name(e.door)
+        if candidate is not None:
+            self._rotating_opened(candidate, e)
+            return
         door = self.runtime.doors.get(e.door)
         if door is None:
             return
@@ -392,6 +424,29 @@ class Daemon:
             return
         if grant is not None:
             self.manager.submit(grant)
+
+    def _rotating_opened(self, c: rotating_match.Candidate, e: MatchEvent) -> None:
+        door = self.runtime.doors.get(c.door)
+        rdoor = next((r for r in self.runtime.rotating if r.name == c.door), None)
+        if door is None or rdoor is None:
+            return
+        token = rotating_match.used_token(c)
+        who = self.names(e.source)
+        if token in self.replay:
+            self.stats["rotating_reused"] += 1
+            log.warning("%s: %s: rotating sequence (key %s, window %d) was already used: refused", who, c.door,
+                        c.key_id, c.counter)
+            return
+        interval = max(r.params.interval for r in rdoor.rings)
+        until = rotating_match.used_until(c, interval)
+        self.replay.add(token, until)  # burned now: a copy completing a moment later is refused
+        self.stats["opens"] += 1
+        events.info("%s: %s: OPEN SESAME (rotating key %s, window %d)", who, c.door, c.key_id, c.counter)
+        grant = door_grant(door, e.source)
+        if grant is not None:
+            self.manager.submit(grant, (token, until))
+        else:
+            self._io.submit(self.manager.journal.remember, [(token, until)])
 
     def _mark_used(self, door: Door, onetime: OneTimeSequences, line_no: int, nxt, grant: Grant | None) -> None:
         try:
@@ -433,6 +488,7 @@ class Daemon:
         for w in new.warnings:
             log.warning("%s", w)
         self.runtime = new
+        self._next_rotation = rotating_match.boundaries(new.rotating, time.time())
         if new.verifier is None:
             self.spa = None
         elif self.spa is None:

@@ -58,6 +58,9 @@ class MatchDoor:
     seq_timeout: float = 25.0
     tcpflags: TcpFlags | None = None
     target: Address | None = None
+    #: Ports that are never a step but still reset this source's attempts
+    #: (rotating doors: the neighbours of each step, so a port scan never completes one).
+    guards: tuple[PortSpec, ...] = ()
 
     @classmethod
     def of(cls, door: DoorLike, sequence: tuple[PortSpec, ...] | None = None) -> MatchDoor:
@@ -130,7 +133,7 @@ class Matcher:
             if d.sequence:
                 first.setdefault((d.sequence[0].proto, d.sequence[0].port), []).append(d)
         self._first = first
-        self._steps = frozenset((s.proto, s.port) for d in new.values() for s in d.sequence)
+        self._steps = frozenset((s.proto, s.port) for d in new.values() for s in (*d.sequence, *d.guards))
         self._min_timeout = min((d.seq_timeout for d in new.values()), default=0.0)
 
     @property

@@ -1,0 +1,34 @@
+"""Loading the shared-key files of rotating doors (at start and on SIGHUP)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from spa.config import Config
+from spa.keys import shared
+from spa.rotating_match import KeyRing, RotatingDoor
+
+log = logging.getLogger("spa.server.rotating")
+
+
+def _resolve(config_path: str, path: str) -> str:
+    return path if os.path.isabs(path) else os.path.join(os.path.dirname(os.path.abspath(config_path)), path)
+
+
+def load_rotating(config: Config) -> tuple[RotatingDoor, ...]:
+    """Every rotating door with its key files read; a bad file raises ``KeyFileError`` naming it."""
+    doors = []
+    for d in config.doors:
+        if not d.rotating_key:
+            continue
+        rings = []
+        for p in d.rotating_key:
+            path = _resolve(config.path, p)
+            key = shared.load(path)
+            rings.append(KeyRing(path, key.params, tuple((s.key_id, s.secret, s.until) for s in key.secrets)))
+        doors.append(RotatingDoor(d.name, tuple(rings), d.seq_timeout, d.tcpflags, d.target, d.rotating_bind_source))
+        if d.rotating_bind_source:
+            log.warning("door %s: Rotating_Bind_Source is not supported yet; the door's rotating sequences are off",
+                        d.name)
+    return tuple(doors)
