@@ -114,11 +114,13 @@ class Runtime:
     @property
     def warnings(self) -> list[str]:
         """What ``spa check-config`` warns about, and doors whose one-time sequences are all used."""
-        from spa.checks import check
+        from spa.checks import check, check_keys
+        from spa.server.spa_receiver import load_authorized
         from spa.server.listening import listening_ports
 
         out = list(self.config.warnings)
         out += [f"{f.path}:{f.line}: {f.message}" for f in check(self.config, listening_ports())]
+        out += [f"{f.path}:{f.line}: {f.message}" for f in check_keys(self.config, self.rotating, load_authorized(self.config))]
         for name, otp in self.onetime.items():
             if otp.current is None:
                 out.append(f"{otp.path}: every one-time sequence of door {name} is used; the door is disabled")

@@ -20,7 +20,7 @@ from spa.errors import KeyFileError, PacketRejected
 from spa.grant import Address
 from spa.keys import ed25519
 from spa.keys.secure import read_public
-from spa.keytext import parse_authorized_keys
+from spa.keytext import AuthorizedKey, parse_authorized_keys
 from spa.replay import ReplayCache
 from spa.server.logs import Throttle
 
@@ -35,19 +35,30 @@ def _resolve(config_path: str, path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(os.path.dirname(os.path.abspath(config_path)), path)
 
 
+def load_authorized(config: Config) -> dict[str, tuple[str, list[AuthorizedKey]]]:
+    """Door name -> (authorized_keys path, its keys), for every door that accepts SPA."""
+    out = {}
+    for d in config.doors:
+        if d.authorized_keys is not None:
+            path = _resolve(config.path, d.authorized_keys)
+            out[d.name] = (path, parse_authorized_keys(read_public(path), path))
+    return out
+
+
 def load_verifier(config: Config) -> Verifier | None:
     """The verifier for the config's SPA doors, or None when no door accepts SPA."""
-    spa_doors = [d for d in config.doors if d.authorized_keys is not None]
-    if not spa_doors:
+    authorized = load_authorized(config)
+    if not authorized:
         return None
     assert config.options.server_key is not None  # the parser requires it
     server = ed25519.load(_resolve(config.path, config.options.server_key))
     if server.private.role != "server":
         log.warning("%s is a %s key; 'spa keygen --server' makes server keys", server.path, server.private.role)
     doors = []
-    for d in spa_doors:
-        path = _resolve(config.path, d.authorized_keys)  # type: ignore[arg-type]
-        keys = parse_authorized_keys(read_public(path), path)
+    for d in config.doors:
+        if d.name not in authorized:
+            continue
+        path, keys = authorized[d.name]
         if not keys:
             log.warning("%s lists no key: door %s accepts no SPA packet", path, d.name)
         doors.append(SpaDoor(d.name, tuple(keys), d.cmd_timeout, d.spa_use_source))

@@ -186,9 +186,18 @@ def check_config(path: str) -> None:
     from spa.errors import ConfigError
     from spa.server.listening import listening_ports
 
+    from spa.checks import check_keys
+    from spa.errors import KeyFileError
+    from spa.server.rotating_keys import load_rotating
+    from spa.server.spa_receiver import load_authorized, load_verifier
+
     try:
         config = load_config(path)
-    except ConfigError as exc:
+        # Key files too: a missing, unsafe or malformed one stops the server as surely as a bad line.
+        load_verifier(config)
+        rotating = load_rotating(config)
+        authorized = load_authorized(config)
+    except (ConfigError, KeyFileError) as exc:
         for e in getattr(exc, "errors", None) or [exc]:
             where = f"{e.path}:{e.line}" if e.line is not None else f"{e.path or path}"
             click.echo(f"{where}: error: {e.message}")
@@ -196,6 +205,7 @@ def check_config(path: str) -> None:
     # The parser's warnings read "path:line: message"; ours come as findings. One list, in line order.
     lines = [(_line_of(w), w.replace(": ", ": warning: ", 1)) for w in config.warnings]
     lines += [(f.line, str(f)) for f in check(config, listening_ports())]
+    lines += [(f.line, str(f)) for f in check_keys(config, rotating, authorized)]
     warnings = [text for _, text in sorted(lines, key=lambda item: item[0])]
     for w in warnings:
         click.echo(w)

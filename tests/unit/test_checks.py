@@ -58,3 +58,35 @@ def test_check_config_exit_codes(tmp_path):
     assert f"{bad}:2: error: port 'abc' is not a number" in r.output and f"{bad}:4: error:" in r.output
     r = runner.invoke(main, ["check-config", str(tmp_path / "missing.conf")])
     assert r.exit_code == 2 and "error" in r.output
+
+
+def test_key_warnings_rotating_clashes_stale_secrets_and_expiring_keys():
+    from spa import rotating
+    from spa.checks import check_keys
+    from spa.keytext import AuthorizedKey
+    from spa.rotating_match import KeyRing, RotatingDoor
+
+    config = parse_config("""[options]
+ServerKey = s
+[static]
+sequence = 20010,7000,8000
+open = 22
+[rot]
+rotating_key = k
+open = 22
+[spa]
+authorized_keys = a
+open = 22
+""", "k.conf")
+    params = rotating.Params(interval=30, length=4, lo=20000, hi=20999, proto="tcp", exclude=frozenset({20500}))
+    ring = KeyRing("k", params, (("old", bytes(32), 50.0), ("new", b"\x01" * 32, None)))
+    keys = [AuthorizedKey(b"\x02" * 32, "gone", 1, expires=10.0), AuthorizedKey(b"\x03" * 32, "soon", 2, expires=200.0),
+            AuthorizedKey(b"\x04" * 32, "fine", 3)]
+    found = check_keys(config, [RotatingDoor("rot", (ring,))], {"spa": ("a", keys)}, now=100.0)
+    text = "\n".join(str(f) for f in found)
+    assert "can draw 20010/tcp, which door 'static' uses; add 20010 to the key's exclude list" in text
+    assert "secret old in k is past its grace" in text
+    assert "a:1: warning: key" in text and "(gone) expired on" in text
+    assert "a:2: warning: key" in text and "(soon) expires on" in text
+    assert "fine" not in text
+    assert len(found) == 4
