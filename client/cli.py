@@ -53,12 +53,14 @@ def _tcpflags(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="SPA: the server's SpaPort.")
 @click.option("--duration", type=click.IntRange(min=0), default=0, metavar="SECONDS",
               help="SPA: how long to open (the server caps it at the door's cmd_timeout; default: the door's).")
+@click.option("--bind-source", metavar="ADDR",
+              help="Rotating: the door binds the source; ADDR is this client's address as the server sees it.")
 @click.argument("host")
 @click.argument("ports", nargs=-1, required=True, metavar="PORT[:PROTO]... | DOOR")
 @handle_errors
 def main(udp: bool, delay: int, verbose: bool, v4: bool, v6: bool, tcpflags: int | None, key_path: str | None,
-         server_key: str | None, allow_ip: str | None, spa_port: int, duration: int, host: str,
-         ports: tuple[str, ...]) -> None:
+         server_key: str | None, allow_ip: str | None, spa_port: int, duration: int, bind_source: str | None,
+         host: str, ports: tuple[str, ...]) -> None:
     """Knock on HOST's PORTS in order (PROTO: tcp or udp; default tcp), or open DOOR with --key."""
     if v4 and v6:
         raise click.UsageError("-4 and -6 exclude each other")
@@ -67,8 +69,10 @@ def main(udp: bool, delay: int, verbose: bool, v4: bool, v6: bool, tcpflags: int
     if key_path is not None:
         if len(ports) != 1:
             raise click.UsageError("with --key, give HOST and one DOOR name")
-        _keyed(key_path, host, ports[0], server_key, allow_ip, spa_port, duration, family, delay, echo)
+        _keyed(key_path, host, ports[0], server_key, allow_ip, spa_port, duration, family, delay, echo, bind_source)
         return
+    if bind_source is not None:
+        raise click.UsageError("--bind-source needs --key with a shared key")
     targets = [parse_target(p, force_udp=udp) for p in ports]
     if tcpflags is None:
         knock(host, targets, family=family, delay_ms=delay, verbose=echo)
@@ -78,11 +82,13 @@ def main(udp: bool, delay: int, verbose: bool, v4: bool, v6: bool, tcpflags: int
     knock_raw(host, targets, tcpflags, family=family, delay_ms=delay, verbose=echo)
 
 
-def _keyed(key_path, host, door, server_key, allow_ip, spa_port, duration, family, delay, echo) -> None:
+def _keyed(key_path, host, door, server_key, allow_ip, spa_port, duration, family, delay, echo, bind_source) -> None:
     from spa.keys import ed25519
     from spa.keytext import PRIVATE_TYPE
 
     if ed25519.kind(key_path) == PRIVATE_TYPE:
+        if bind_source is not None:
+            raise click.UsageError("--bind-source is for rotating sequences (a shared key), not SPA")
         from spa.client.spa_send import send_spa
 
         send_spa(host, door, key_path, server_key_file=server_key, allow_ip=allow_ip, port=spa_port,
@@ -90,7 +96,7 @@ def _keyed(key_path, host, door, server_key, allow_ip, spa_port, duration, famil
         return
     from spa.client.rotating_knock import knock_rotating
 
-    knock_rotating(host, door, key_path, family=family, delay_ms=delay, verbose=echo)
+    knock_rotating(host, door, key_path, family=family, delay_ms=delay, verbose=echo, bind_source=bind_source)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,12 +23,18 @@ def knock_rotating(
     delay_ms: int = 0,
     verbose: Callable[[str], None] | None = None,
     now: float | None = None,
+    bind_source: str | None = None,
 ) -> tuple[KnockTarget, ...]:
-    """Knock the current sequence of ``door``; returns what was knocked."""
+    """Knock the current sequence of ``door``; returns what was knocked.
+
+    ``bind_source``: for a door with ``Rotating_Bind_Source``, this client's
+    address as the server sees it (its public address behind NAT).
+    """
     key = shared.load(key_path)
     t = time.time() if now is None else now
     c = rotating.counter(t, key.params.interval)
-    seq = rotating.derive(key.newest.secret, door, c, key.params)
+    source = rotating.source_bytes(bind_source) if bind_source is not None else None
+    seq = rotating.derive(key.newest.secret, door, c, key.params, source)
     targets = tuple(KnockTarget(s.port, s.proto) for s in seq)
     fam, sockaddr = resolve(host, family)
     if verbose is not None:

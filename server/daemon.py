@@ -29,7 +29,7 @@ from spa.metrics import Metric, render
 from spa.packet import parse_ip, udp_payload
 from spa.replay import ReplayCache
 from spa import rotating_match
-from spa.rotating_match import RotatingDoor
+from spa.rotating_match import RotatingDoor, SourceBound
 from spa.filter import knock_filter
 from spa.server import netlink
 from spa.server.bpf import DROP_ALL, FilterError, compile_filter
@@ -152,6 +152,7 @@ class Daemon:
         self.manager = manager
         self.names = Names(settings.lookup)
         self.matcher = Matcher(runtime.match_doors(), max_attempts=settings.max_attempts)
+        self.bound = SourceBound(runtime.rotating)
         self.capture: Capture | None = None
         self.monitor: netlink.Monitor | None = None
         self.selector = selectors.DefaultSelector()
@@ -220,6 +221,7 @@ class Daemon:
             log.warning("cannot read interface addresses: %s", exc)
             return
         self.matcher.local_addresses = frozenset(local)
+        self.bound.local_addresses = frozenset(local)
         self.rebuild_filter()
 
     def rebuild_filter(self) -> None:
@@ -232,6 +234,7 @@ class Daemon:
                 steps.add((s.proto, s.port, d.tcpflags))
         if self.spa_port is not None:
             steps.add(("udp", self.spa_port, None))
+        steps.update(self.bound.steps())
         expr = knock_filter(local | targets, steps)
         if expr != self.filter_expression:
             try:
@@ -315,6 +318,8 @@ class Daemon:
             self.publish()
         for e in self.matcher.expire(time.monotonic()):
             self._log_event(e)
+        for e in self.bound.expire(time.monotonic()):
+            self._log_event(e)
         if self.spa is not None:
             self.replay.prune(time.time())
             if time.monotonic() >= self._next_junk_summary:
@@ -334,6 +339,7 @@ class Daemon:
             return
         debug = log.isEnabledFor(logging.DEBUG)
         spa_port = self.spa_port
+        bound = self.bound if self.bound else None
         for data, ts in packets:
             k = parse_ip(data, ts)
             if k is None:
@@ -350,6 +356,11 @@ class Daemon:
                 self._log_event(e, ts)
                 if e.kind == "open":
                     self._opened(e, k)
+            if bound:
+                for e in bound.feed(k, time.time()):
+                    self._log_event(e, ts)
+                    if e.kind == "open":
+                        self._opened(e, k)
 
     def _spa_packet(self, data, k: Knock) -> None:
         assert self.spa is not None
@@ -374,6 +385,7 @@ class Daemon:
         """A window boundary: swap in the sequences now in force, and the filter for exactly their ports."""
         now = time.time()
         self.matcher.set_doors(self.runtime.match_doors(now))
+        self.bound.rotate(now)
         self.rebuild_filter()
         self._next_rotation = rotating_match.boundaries(self.runtime.rotating, now)
         log.debug("rotating sequences swapped; next change in %.3f s", self._next_rotation - now)
@@ -498,6 +510,7 @@ class Daemon:
         else:
             self.spa.verifier = new.verifier  # the replay cache and counters carry over
         self.matcher.set_doors(new.match_doors())
+        self.bound = SourceBound(new.rotating, local_addresses=self.matcher.local_addresses)
         self.refresh_addresses()
         self.stats["reloads"] += 1
         return True

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 from spa.config import Config
 from spa.keys import shared
 from spa.rotating_match import KeyRing, RotatingDoor
-
-log = logging.getLogger("spa.server.rotating")
 
 
 def _resolve(config_path: str, path: str) -> str:
@@ -28,7 +25,4 @@ def load_rotating(config: Config) -> tuple[RotatingDoor, ...]:
             key = shared.load(path)
             rings.append(KeyRing(path, key.params, tuple((s.key_id, s.secret, s.until) for s in key.secrets)))
         doors.append(RotatingDoor(d.name, tuple(rings), d.seq_timeout, d.tcpflags, d.target, d.rotating_bind_source))
-        if d.rotating_bind_source:
-            log.warning("door %s: Rotating_Bind_Source is not supported yet; the door's rotating sequences are off",
-                        d.name)
     return tuple(doors)

@@ -20,14 +20,15 @@ Pure: the time comes from the caller.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from spa import rotating
 from spa.grant import Address, PortSpec
-from spa.knock import TcpFlags
-from spa.matcher import MatchDoor
+from spa.knock import Knock, TcpFlags
+from spa.matcher import MatchDoor, MatchEvent, Matcher
 
 SEP = "\x1f"
 
@@ -58,18 +59,21 @@ class Candidate(NamedTuple):
     door: str
     key_id: str
     counter: int
+    #: For doors that bind the source: the address the sequence was derived for.
+    source: str = ""
 
 
-def internal_name(door: str, key_id: str, counter: int) -> str:
-    return f"{door}{SEP}{key_id}{SEP}{counter}"
+def internal_name(door: str, key_id: str, counter: int, source: str = "") -> str:
+    name = f"{door}{SEP}{key_id}{SEP}{counter}"
+    return f"{name}{SEP}{source}" if source else name
 
 
 def parse_name(name: str) -> Candidate | None:
     """The candidate behind an internal matcher name; None for a classic door's name."""
     if SEP not in name:
         return None
-    door, key_id, counter = name.split(SEP)
-    return Candidate(door, key_id, int(counter))
+    door, key_id, counter, *source = name.split(SEP)
+    return Candidate(door, key_id, int(counter), source[0] if source else "")
 
 
 def guards(sequence: Sequence[PortSpec], params: rotating.Params) -> tuple[PortSpec, ...]:
@@ -116,7 +120,106 @@ def plan(doors: Iterable[RotatingDoor], t: float) -> list[MatchDoor]:
 
 def used_token(c: Candidate) -> bytes:
     """The replay-cache key of a used rotating sequence (its own label: never equal to an SPA nonce)."""
-    return hashlib.sha256(b"spa-knock/v1 rotating used" + SEP.join((c.door, c.key_id, str(c.counter))).encode()).digest()
+    fields = (c.door, c.key_id, str(c.counter)) + ((c.source,) if c.source else ())
+    return hashlib.sha256(b"spa-knock/v1 rotating used" + SEP.join(fields).encode()).digest()
+
+
+def candidates_for(doors: Iterable[RotatingDoor], t: float, source: Address) -> list[MatchDoor]:
+    """The candidates of doors that bind the source, derived for one source address."""
+    packed = rotating.source_bytes(source)
+    label = str(source)
+    out = []
+    for d in doors:
+        for ring in d.rings:
+            for kid, secret in ring.valid_at(t):
+                for c in rotating.accepted_counters(t, ring.params.interval):
+                    seq = rotating.derive(secret, d.name, c, ring.params, packed)
+                    out.append(MatchDoor(internal_name(d.name, kid, c, label), seq, d.seq_timeout, d.tcpflags,
+                                         d.target, guards(seq, ring.params)))
+    return out
+
+
+class SourceBound:
+    """Matching for doors that bind the source: per-source candidates, derived on a source's first packet.
+
+    The sequence depends on the knocking address, so the server cannot know
+    the ports in advance: the kernel filter passes these doors' whole port
+    ranges, and the first packet from a source into a range derives that
+    source's candidates (one HMAC per secret and window). Sources are kept in
+    a bounded LRU (oldest dropped first), so spoofed floods cost bounded memory;
+    each source gets its own ``Matcher`` with the usual rules.
+    """
+
+    def __init__(self, doors: Iterable[RotatingDoor], *, max_sources: int = 4096,
+                 local_addresses: frozenset[Address] | None = None):
+        self.doors = tuple(d for d in doors if d.bind_source)
+        self.max_sources = max_sources
+        self.local_addresses = local_addresses
+        self.evictions = 0
+        self._sources: OrderedDict[Address, tuple[int, Matcher]] = OrderedDict()
+        self._generation = 0
+        self._ranges: dict[str, list[tuple[int, int]]] = {}
+        for d in self.doors:
+            for ring in d.rings:
+                p = ring.params
+                for proto in (("tcp", "udp") if p.proto == "mixed" else (p.proto,)):
+                    self._ranges.setdefault(proto, []).append((p.lo, p.hi))
+
+    def __bool__(self) -> bool:
+        return bool(self.doors)
+
+    def steps(self) -> list[tuple[str, int, TcpFlags | None]]:
+        """Every (proto, port, flags) the kernel filter must pass for these doors: their whole ranges."""
+        out = []
+        for d in self.doors:
+            for ring in d.rings:
+                p = ring.params
+                for proto in (("tcp", "udp") if p.proto == "mixed" else (p.proto,)):
+                    out += [(proto, port, d.tcpflags) for port in range(p.lo, p.hi + 1) if port not in p.exclude]
+        return out
+
+    def rotate(self, now: float) -> None:
+        """A window boundary (or a grace end): candidates are derived afresh on each source's next packet."""
+        self._generation += 1
+
+    def _in_range(self, k: Knock) -> bool:
+        for lo, hi in self._ranges.get(k.proto, ()):
+            if lo <= k.dport <= hi:
+                return True
+        return False
+
+    def feed(self, k: Knock, now: float) -> list[MatchEvent]:
+        """Account one packet (``now``: wall-clock time, for the windows; matching uses ``k.time``)."""
+        if not self._in_range(k):
+            return []
+        entry = self._sources.get(k.src)
+        if entry is None or entry[0] != self._generation:
+            doors = candidates_for(self.doors, now, k.src)
+            if entry is None:
+                matcher = Matcher(doors, local_addresses=self.local_addresses)
+            else:
+                matcher = entry[1]
+                matcher.set_doors(doors)  # attempts of candidates still in force survive
+            self._sources[k.src] = (self._generation, matcher)
+            while len(self._sources) > self.max_sources:
+                self._sources.popitem(last=False)
+                self.evictions += 1
+        else:
+            matcher = entry[1]
+        self._sources.move_to_end(k.src)
+        return matcher.feed(k)
+
+    def expire(self, now: float) -> list[MatchEvent]:
+        """Time out attempts (``now`` on the knocks' clock) and forget sources with none left."""
+        events: list[MatchEvent] = []
+        for src, (_, matcher) in list(self._sources.items()):
+            events += matcher.expire(now)
+            if not len(matcher):
+                del self._sources[src]  # no attempt left: the next packet derives afresh
+        return events
+
+    def __len__(self) -> int:
+        return sum(len(m) for _, m in self._sources.values())
 
 
 def used_until(c: Candidate, interval: int) -> float:

@@ -154,3 +154,29 @@ def test_a_port_scan_of_the_whole_range_never_opens(lab, tmp_path, order):
         assert not lab.probe(SERVER_V4)
     finally:
         server.stop()
+
+
+def test_a_door_binding_the_source_opens_only_for_the_address_it_was_derived_for(lab, tmp_path):
+    lab.default_deny("nft")
+    key = make_key(tmp_path / "shared.key", lo=20000, hi=20999)
+    server = Server(lab, tmp_path, config_text=conf(("bound", "shared.key"), extra="rotating_bind_source = yes"))
+    try:
+        r = knock_client(lab, "--key", str(tmp_path / "shared.key"), "--bind-source", CLIENT_V4, SERVER_V4, "bound")
+        assert r.returncode == 0, r.stderr
+        assert lab.wait_for(True, SERVER_V4, limit=2) is not None
+        assert server.wait_log("bound: OPEN SESAME (rotating key")
+        # The sequence derived for .2, knocked from .3: a different sequence there, nothing opens.
+        c = rotating.counter(time.time(), key.params.interval)
+        seq = rotating.derive(key.newest.secret, "bound", c, key.params, rotating.source_bytes(CLIENT_V4))
+        knock_all(lab, seq, source=CLIENT2_V4)
+        assert not server.wait_log("OPEN SESAME", limit=0.5, count=2)
+        assert not lab.probe(SERVER_V4, source=CLIENT2_V4)
+        # Derived for .3 and knocked from .3: opens (its own first use).
+        seq3 = rotating.derive(key.newest.secret, "bound", c, key.params, rotating.source_bytes(CLIENT2_V4))
+        knock_all(lab, seq3, source=CLIENT2_V4)
+        assert lab.wait_for(True, SERVER_V4, source=CLIENT2_V4, limit=2) is not None
+        # The unbound sequence for this door never opens it.
+        knock_all(lab, rotating.derive(key.newest.secret, "bound", c, key.params), source=CLIENT_V4)
+        assert not server.wait_log("OPEN SESAME", limit=0.5, count=3)
+    finally:
+        server.stop()

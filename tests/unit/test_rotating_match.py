@@ -103,3 +103,28 @@ def test_used_tokens_differ_per_door_key_and_window_and_last_past_the_window():
     assert a != used_token(parse_name(internal_name("rot", "j", 5)))
     # window 5 is accepted while the current window is 4, 5 or 6: until the end of window 6
     assert used_until(parse_name(internal_name("rot", "k", 5)), 30) >= 7 * 30
+
+
+def test_source_bound_doors_derive_per_source_and_stay_bounded():
+    from spa.rotating_match import SourceBound
+
+    t = 30 * 1000 + 10.0
+    bound = SourceBound([door(bind_source=True)], max_sources=8)
+    assert bound and not SourceBound([door()])
+    seq = rotating.derive(SECRET, "rot", 1000, PARAMS, rotating.source_bytes(SRC))
+    events = []
+    for i, s in enumerate(seq):
+        events += bound.feed(Knock(SRC, DST, "tcp", 40000 + i, s.port, 0x02, i, float(i)), t)
+    opened = [e for e in events if e.kind == "open"]
+    assert len(opened) == 1 and parse_name(opened[0].door).source == str(SRC)
+    other = ipaddress.ip_address("192.0.2.3")
+    events = []
+    for i, s in enumerate(seq):  # .2's sequence from .3 is not .3's
+        events += bound.feed(Knock(other, DST, "tcp", 41000 + i, s.port, 0x02, i, float(i)), t)
+    assert not any(e.kind == "open" for e in events)
+    for n in range(100):  # a spoofed flood into the range: the source table stays at its cap
+        src = ipaddress.ip_address(f"198.51.100.{n}")
+        bound.feed(Knock(src, DST, "tcp", 1234, PARAMS.lo + n, 0x02, n, 10.0), t)
+    assert len(bound._sources) <= 8 and bound.evictions > 0
+    assert all(lo == PARAMS.lo and hi == PARAMS.hi for lo, hi in bound._ranges["tcp"])
+    assert len(bound.steps()) == PARAMS.hi - PARAMS.lo + 1
