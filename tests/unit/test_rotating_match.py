@@ -47,7 +47,8 @@ def ascending_counter() -> int:
 
 def test_names_round_trip_and_classic_names_are_not_candidates():
     name = internal_name("my door", "abcd", 42)
-    assert parse_name(name) == ("my door", "abcd", 42)
+    assert parse_name(name) == ("my door", "abcd", 42, "")
+    assert parse_name(internal_name("d", "k", 1, "192.0.2.2")) == ("d", "k", 1, "192.0.2.2")
     assert parse_name("my door") is None
 
 
