@@ -66,11 +66,13 @@ def write_atomic(path: str, text: str, mode: int, *, force: bool = False) -> Non
     if not force and os.path.lexists(path):
         raise KeyFileError("already exists; refusing to overwrite it (use --force)", path)
     directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)  # ~/.knock, /etc/spa: private from the start
+    except OSError as exc:
+        raise KeyFileError(f"cannot create its directory: {exc.strerror or exc}", path) from None
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    except FileNotFoundError:
-        raise KeyFileError("its directory does not exist", path) from None
     except OSError as exc:
         raise KeyFileError(f"cannot write: {exc.strerror or exc}", path) from None
     try:
