@@ -7,6 +7,7 @@ seen by connecting to the opened port afterwards; ``-v`` says what was sent.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -65,12 +66,23 @@ def send_spa(
                                 time_ms=int(time.time() * 1000))
     except ValueError as exc:
         raise InvalidGrant(str(exc)) from None
-    if verbose is not None:
-        verbose(f"SPA for door {door!r}, opening for {address}, key {pair.key_id}, "
-                f"to udp {sockaddr[0]}:{port} (server key {server.key_id})")
+    packets = [(pair, packet)]
+    # During a rotation (``spa keygen --rotate`` left PATH.old) the server may
+    # list only the old key or only the new one: send one packet with each,
+    # so there is no moment at which the client is locked out. A server that
+    # knows both opens once (the second grant only extends the first).
+    if os.path.exists(f"{key_path}.old"):
+        old = ed25519.load(f"{key_path}.old")
+        packets.append((old, protocol.build(old.private.seed, server.public, door, address, duration,
+                                            time_ms=int(time.time() * 1000))))
     try:
         with socket.socket(fam, socket.SOCK_DGRAM) as s:
-            s.sendto(packet, (sockaddr[0], port, *sockaddr[2:]))
+            for p, data in packets:
+                if verbose is not None:
+                    verbose(f"SPA for door {door!r}, opening for {address}, key {p.key_id}"
+                            f"{' (old key, rotation in progress)' if p is not pair else ''}, "
+                            f"to udp {sockaddr[0]}:{port} (server key {server.key_id})")
+                s.sendto(data, (sockaddr[0], port, *sockaddr[2:]))
     except OSError as exc:
         raise KnockError(f"cannot send to udp {sockaddr[0]}:{port}: {exc.strerror or exc}") from None
     return packet

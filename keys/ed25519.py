@@ -85,8 +85,10 @@ def kind(path: str) -> str | None:
 def rotate(path: str, comment: str | None = None) -> tuple[KeyPair, str]:
     """Make a new client key at PATH; the old one moves to PATH.old (and PATH.old.pub).
 
-    Both stay usable until the administrator removes the old line from
-    authorized_keys (or its ``expires=`` passes): no lockout in between.
+    While PATH.old exists, ``knock-client`` sends one packet with each key,
+    so the client gets in whether the server lists the old line, the new
+    one or both: no lockout in between. Once the server lists only the new
+    line, the user deletes PATH.old.
     Returns the new pair and the old key's path.
     """
     old = load(path)

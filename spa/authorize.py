@@ -142,6 +142,7 @@ class Verifier:
         if entry.expired(now):
             raise PacketRejected("expired", f"key {client.key_id} expired (authorized_keys line {entry.line})")
         try:
+            source = parse_address(source)  # an IPv4-mapped source counts as the IPv4 address, for from= too
             address = parse_address(source if door.use_source else request.address)
         except InvalidGrant as exc:
             raise PacketRejected("policy", f"key {client.key_id}: {exc}") from None

@@ -253,3 +253,27 @@ def test_a_bad_authorized_keys_line_refuses_to_start_with_file_and_line(lab, tmp
                         "--state-dir", str(tmp_path / "state")], capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert r.returncode == 2
     assert f"{authorized}:2: unknown option 'form'" in r.stderr
+
+
+def test_client_rotation_never_locks_out_whichever_line_the_server_lists(lab, tmp_path, keys):
+    lab.default_deny("nft")
+    old_line = keys.pub_line()
+    new, _ = ed25519.rotate(keys.client.path)  # the client rotated; the server has not heard yet
+    authorized = keys.authorize("authorized_keys", old_line)
+    server = Server(lab, tmp_path, config_text=config(keys, door("ssh", authorized)))
+    common = ("--key", keys.client.path, "--server-key", keys.server.path + ".pub")
+    try:
+        r = knock_client(lab, "-v", *common, SERVER_V4, "ssh")  # one packet per key: the old one gets in
+        assert r.returncode == 0, r.stderr
+        assert "old key, rotation in progress" in r.stdout
+        assert lab.wait_for(True, SERVER_V4, limit=2) is not None
+        keys.authorize("authorized_keys", keys.pub_line(new))  # the admin swaps the line
+        server.signal(signal.SIGHUP)
+        assert server.wait_log("re-reading config file")
+        time.sleep(0.3)
+        r = knock_client(lab, *common, "--allow-ip", CLIENT2_V4, SERVER_V4, "ssh")  # now the new one gets in
+        assert r.returncode == 0, r.stderr
+        assert lab.wait_for(True, SERVER_V4, source=CLIENT2_V4, limit=2) is not None
+        assert server.wait_log(f"OPEN SESAME (SPA key {new.key_id}")
+    finally:
+        server.stop()
