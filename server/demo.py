@@ -4,7 +4,9 @@ It builds a server and a client namespace, puts the seed article's
 default-deny firewall (iptables INPUT policy DROP) in the server, starts
 ``spa-server`` there with the bundled configuration below and a service on
 tcp/22, and shows that port going closed -> open -> closed from the client,
-once for each way in. Each way in adds its step here as it lands.
+once for each way in: a classic knock (IPv4 and IPv6), the seed article's
+own door with the real ``knock``, a signed SPA packet, and a rotating
+sequence.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from spa.server.netns import CLIENT2_V4, SERVER_V4, SERVER_V6, Lab, in_netns
 DEMO_CONFIG = """\
 # spa demo: knockd.conf syntax, read as knockd reads it
 [options]
-    logfile = {logfile}
+    logfile   = {logfile}
+    ServerKey = {tmp}/server.key
 
 # A classic knock sequence; the firewall is opened natively (nftables), no shell.
 [openSSH]
@@ -42,7 +45,34 @@ DEMO_CONFIG = """\
     start_command = /usr/sbin/iptables -A INPUT -s %IP% -p tcp --syn --dport 22 -j ACCEPT
     cmd_timeout   = {duration}
     stop_command  = /usr/sbin/iptables -D INPUT -s %IP% -p tcp --syn --dport 22 -j ACCEPT
+
+# Signed single-packet authorization: the client's Ed25519 key is listed here.
+[sshSPA]
+    authorized_keys = {tmp}/authorized_keys
+    open            = 22/tcp
+    cmd_timeout     = {duration}
+
+# A rotating sequence: derived from a shared key and the clock, each used once.
+[sshRotating]
+    rotating_key = {tmp}/rotating.key
+    seq_timeout  = 5
+    tcpflags     = syn
+    open         = 22/tcp
+    cmd_timeout  = {duration}
 """
+
+
+def _make_keys(tmp: str) -> dict[str, str]:
+    """What ``spa keygen --server``, ``spa keygen`` and ``spa keygen --shared`` would write."""
+    from spa import rotating
+    from spa.keys import ed25519, shared
+
+    server = ed25519.generate(os.path.join(tmp, "server.key"), "server", "demo server")
+    client = ed25519.generate(os.path.join(tmp, "client", "key"), "client", "demo client")
+    with open(os.path.join(tmp, "authorized_keys"), "w") as f:
+        f.write(open(client.path + ".pub").read())
+    shared.write(os.path.join(tmp, "rotating.key"), shared.generate(rotating.Params()))
+    return {"server_pub": server.path + ".pub", "client": client.path, "rotating": os.path.join(tmp, "rotating.key")}
 
 
 class DemoFailed(Exception):
@@ -72,7 +102,7 @@ def _door(lab: Lab, title: str, label: str, knock_argv: list[str], server: str, 
     _expect(proc.returncode == 0, f"client: {label}")
     t0 = time.monotonic()
     opened = lab.wait_for(True, server, limit=2)
-    _expect(opened is not None, f"client -> {server} tcp/22: {_state(opened is not None)} {opened * 1000 if opened else 0:.0f} ms after the last knock")
+    _expect(opened is not None, f"client -> {server} tcp/22: {_state(opened is not None)} {opened * 1000 if opened else 0:.0f} ms after the client returned")
     if server == SERVER_V4:
         other = lab.probe(server, source=CLIENT2_V4)
         _expect(not other, f"from another address ({CLIENT2_V4}): {_state(other)}")
@@ -89,8 +119,9 @@ def run_demo(duration: float = 2.0) -> int:
     with Lab(tag="demo") as lab, tempfile.TemporaryDirectory(prefix="spa-demo-") as tmp:
         server = None
         config = os.path.join(tmp, "knockd.conf")
+        keys = _make_keys(tmp)
         with open(config, "w") as f:
-            f.write(DEMO_CONFIG.format(logfile=os.path.join(tmp, "spa.log"), duration=f"{duration:g}"))
+            f.write(DEMO_CONFIG.format(logfile=os.path.join(tmp, "spa.log"), duration=f"{duration:g}", tmp=tmp))
         try:
             lab.default_deny("iptables-nft")
             lab.listen(22)
@@ -112,6 +143,13 @@ def run_demo(duration: float = 2.0) -> int:
                       f"knock {SERVER_V4} 2222:udp 3333:tcp 4444:udp", [knock, SERVER_V4, "2222:udp", "3333:tcp", "4444:udp"], SERVER_V4, duration)
             else:
                 _say(None, "(the real knock client is not installed: apt-get install knockd to see the seed's door)")
+            _door(lab, "signed single-packet authorization (door sshSPA, one UDP packet, Ed25519)",
+                  f"knock-client --key client/key --server-key server.key.pub {SERVER_V4} sshSPA",
+                  [*client, "--key", keys["client"], "--server-key", keys["server_pub"], SERVER_V4, "sshSPA"],
+                  SERVER_V4, duration)
+            _door(lab, "rotating sequence (door sshRotating, ports from a shared key and the clock)",
+                  f"knock-client --key rotating.key {SERVER_V4} sshRotating",
+                  [*client, "--key", keys["rotating"], SERVER_V4, "sshRotating"], SERVER_V4, duration)
             server.terminate()
             _expect(server.wait(10) == 0, "spa-server stopped cleanly (SIGTERM)")
             with in_netns(lab.server):
