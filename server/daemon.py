@@ -131,18 +131,18 @@ class Runtime:
         return any(d.open for d in self.doors.values())
 
 
-def door_grant(door: Door, address: Address, duration: float | None = None) -> Grant | None:
+def door_grant(door: Door, address: Address, duration: float | None = None, via: str = "knock") -> Grant | None:
     """What a completed knock (or an SPA packet) on ``door`` for ``address`` opens, or None when nothing.
 
     ``duration`` (SPA: what the client asked for, already capped) replaces the door's ``cmd_timeout``.
     """
     if door.open:
-        return Grant(door.name, address, door.open, duration or door.cmd_timeout)
+        return Grant(door.name, address, door.open, duration or door.cmd_timeout, via=via)
     action = CommandAction(door.start_command, door.stop_command, door.start_command_6, door.stop_command_6)
     start, stop = action.commands_for(address)
     if start is None:
         return None  # knockd never runs a stop command without a start command
-    return Grant(door.name, address, (), (duration or door.cmd_timeout) if stop else ONE_SHOT, action)
+    return Grant(door.name, address, (), (duration or door.cmd_timeout) if stop else ONE_SHOT, action, via=via)
 
 
 class Daemon:
@@ -372,7 +372,8 @@ class Daemon:
         if acc is None:
             return
         door = self.runtime.doors.get(acc.door)
-        grant = door_grant(door, acc.address, acc.duration) if door is not None else None
+        via = f"SPA key {acc.key_id}" + (f" ({acc.comment})" if acc.comment else "")
+        grant = door_grant(door, acc.address, acc.duration, via) if door is not None else None
         events.info("%s: %s: OPEN SESAME (SPA key %s%s) for %s, %.0f s", self.names(k.src), acc.door, acc.key_id,
                     f" {acc.comment}" if acc.comment else "", acc.address, acc.duration)
         self.stats["opens"] += 1
@@ -456,7 +457,7 @@ class Daemon:
         self.replay.add(token, until)  # burned now: a copy completing a moment later is refused
         self.stats["opens"] += 1
         events.info("%s: %s: OPEN SESAME (rotating key %s, window %d)", who, c.door, c.key_id, c.counter)
-        grant = door_grant(door, e.source)
+        grant = door_grant(door, e.source, via=f"rotating key {c.key_id}, window {c.counter}")
         if grant is not None:
             self.manager.submit(grant, (token, until))
         else:

@@ -159,10 +159,11 @@ class GrantManager:
             self.counters["grants_total"] += 1
             self._schedule(held)
             log.info(
-                "%s %s until %s",
+                "%s %s until %s%s",
                 "extended" if previous is not None else "opened",
                 describe(held),
                 time.strftime("%H:%M:%S", time.localtime(held.deadline)),
+                f" ({grant.via})" if grant.via else "",
             )
             return held
 
@@ -209,11 +210,11 @@ class GrantManager:
                     held_all += self._grant_logged(g)
                 return held_all
             self.counters["firewall_ops"] += 1
-            for h, prev in pairs:
+            for g, (h, prev) in zip(native, pairs):
                 self.counters["grants_total"] += 1
                 self._schedule(h)
-                log.info("%s %s until %s", "extended" if prev is not None else "opened", describe(h),
-                         time.strftime("%H:%M:%S", time.localtime(h.deadline)))
+                log.info("%s %s until %s%s", "extended" if prev is not None else "opened", describe(h),
+                         time.strftime("%H:%M:%S", time.localtime(h.deadline)), f" ({g.via})" if g.via else "")
                 held_all.append(h)
         return held_all
 

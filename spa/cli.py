@@ -102,7 +102,7 @@ def grants(backend: str, state_dir: str, revoke: str | None) -> None:
 @handle_errors
 def grant_cmd(backend: str, state_dir: str, door: str, address: str, ports: tuple[str, ...], duration: float) -> None:
     """Open PORTS for ADDRESS by hand. The kernel closes it at the deadline (nft, iptables)."""
-    g = Grant.create(door, address, " ".join(ports), duration)
+    g = Grant.create(door, address, " ".join(ports), duration, via="by hand, spa grant")
     mgr = _manager(backend, state_dir)
     for b in (mgr.native,):
         b.setup()

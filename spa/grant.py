@@ -156,6 +156,8 @@ class Grant:
     ports: tuple[PortSpec, ...]
     duration: float
     commands: CommandAction | None = None
+    #: How it was earned, for the log: "knock", "SPA key 1a2b... (alice)", "rotating key ..., window N", "by hand".
+    via: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         check_door_name(self.door)
@@ -173,11 +175,12 @@ class Grant:
         ports: str | tuple[PortSpec, ...] | list[PortSpec],
         duration: float,
         commands: CommandAction | None = None,
+        via: str = "",
     ) -> Grant:
         """Build a grant from text or values, validating every field."""
         if isinstance(ports, str):
             ports = parse_ports(ports)
-        return cls(door, parse_address(address), tuple(ports), duration, commands)
+        return cls(door, parse_address(address), tuple(ports), duration, commands, via)
 
     @property
     def key(self) -> tuple[str, Address]:
