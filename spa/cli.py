@@ -160,6 +160,12 @@ def status(state_dir: str) -> None:
         click.echo(f"  knocks:     {opens} opens, {timeouts} timeouts, {get('spa_attempts')} attempts in progress")
         click.echo(f"  firewall:   {get('spa_grants_total')} grants, {get('spa_firewall_operations_total')} operations, "
                    f"{get('spa_firewall_failures_total')} failures, {get('spa_firewall_repairs_total')} repairs")
+        spa = {k.split('result="', 1)[1].rstrip('"}'): int(v) for k, v in m.items()
+               if k.startswith("spa_spa_packets_total{")}
+        if sum(spa.values()):
+            rejected = ", ".join(f"{n} {r}" for r, n in sorted(spa.items()) if r != "accepted" and n)
+            click.echo(f"  SPA:        {spa.get('accepted', 0)} accepted, rejected: {rejected or 'none'}; "
+                       f"{get('spa_replay_cache_entries')} nonces remembered")
     grants_now = [g for g in Journal(state_dir).all() if not g.closing]
     click.echo(f"  grants:     {len(grants_now)} open")
     for e in grants_now:

@@ -66,13 +66,22 @@ def test_metrics_file_and_spa_status_after_a_scripted_scenario(lab, tmp_path):
     from tests.netns.knockd_helpers import Server, knock_client, knock_from
     from spa.server.netns import CLIENT2_V4
 
+    from tests.netns.test_spa import Keys, packet, send
+
     lab.default_deny("nft")
-    server = Server(lab, tmp_path, "[options]\n[ssh]\n    sequence = 7000,9000,8000\n    seq_timeout = 0.5\n"
-                                   "    open = 22/tcp\n    cmd_timeout = 30\n")
+    keys = Keys(tmp_path)
+    authorized = keys.authorize("authorized_keys", keys.pub_line())
+    server = Server(lab, tmp_path, f"[options]\n    ServerKey = {keys.server.path}\n"
+                                   "[ssh]\n    sequence = 7000,9000,8000\n    seq_timeout = 0.5\n"
+                                   "    open = 22/tcp\n    cmd_timeout = 30\n"
+                                   f"[spa]\n    authorized_keys = {authorized}\n    open = 22/tcp\n    cmd_timeout = 30\n")
     state = tmp_path / "state"
     try:
         knock_client(lab, SERVER_V4, "7000", "9000", "8000")  # opens
         knock_from(lab, CLIENT2_V4, SERVER_V4, 7000)          # times out
+        send(lab, packet(keys, "spa", address=CLIENT2_V4), source=CLIENT2_V4)  # SPA: accepted
+        send(lab, b"junk")                                    # SPA port: wrong size
+        send(lab, packet(keys, "spa", offset=-300))           # SPA: stale
         assert lab.wait_for(True, SERVER_V4, limit=2) is not None
         server.config.write_text("[ssh]\nsequence = 7000,abc\n")
         server.signal(signal.SIGHUP)                            # rejected reload
@@ -90,8 +99,12 @@ def test_metrics_file_and_spa_status_after_a_scripted_scenario(lab, tmp_path):
         assert m.get('spa_knock_events_total{kind="open"}') == 1, m
         assert m['spa_knock_events_total{kind="stage"}'] == 4
         assert m['spa_knock_events_total{kind="timeout"}'] == 1
-        assert m["spa_grants_active"] == 1 and m["spa_grants_total"] == 1
-        assert m['spa_packets_total{result="parsed"}'] == 4
+        assert m["spa_grants_active"] == 2 and m["spa_grants_total"] == 2
+        assert m['spa_packets_total{result="parsed"}'] == 7
+        assert m['spa_spa_packets_total{result="accepted"}'] == 1
+        assert m['spa_spa_packets_total{result="size"}'] == 1
+        assert m['spa_spa_packets_total{result="stale"}'] == 1
+        assert m["spa_replay_cache_entries"] == 1
         assert m['spa_reloads_total{result="rejected"}'] == 1
         assert m['spa_interface_up{interface="veth0"}'] == 1
         assert m["spa_firewall_failures_total"] == 0
@@ -100,6 +113,7 @@ def test_metrics_file_and_spa_status_after_a_scripted_scenario(lab, tmp_path):
         assert r.returncode == 0, r.stderr
         assert "spa-server running" in r.stdout and "veth0 (open)" in r.stdout and "doors:      ssh" in r.stdout
         assert "1 opens, 1 timeouts" in r.stdout and "ssh" in r.stdout and "192.0.2.2" in r.stdout
+        assert "SPA:        1 accepted, rejected: 1 size, 1 stale; 1 nonces remembered" in r.stdout
     finally:
         server.stop()
     r = subprocess.run([sys.executable, "-m", "spa.cli", "status", "--state-dir", str(state)],
