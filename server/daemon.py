@@ -90,10 +90,7 @@ class Runtime:
         onetime = {}
         for d in config.doors:
             if d.one_time_sequences is not None:
-                p = d.one_time_sequences
-                if not os.path.isabs(p):
-                    p = os.path.join(os.path.dirname(os.path.abspath(path)), p)
-                onetime[d.name] = OneTimeSequences(p)
+                onetime[d.name] = OneTimeSequences(config.resolve(d.one_time_sequences))
         return cls(config, {d.name: d for d in config.doors}, onetime, load_verifier(config), load_rotating(config))
 
     def match_doors(self, now: float | None = None) -> list[MatchDoor]:

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
 
 from spa.config import Config
 from spa.keys import shared
 from spa.rotating_match import KeyRing, RotatingDoor
-
-
-def _resolve(config_path: str, path: str) -> str:
-    return path if os.path.isabs(path) else os.path.join(os.path.dirname(os.path.abspath(config_path)), path)
 
 
 def load_rotating(config: Config) -> tuple[RotatingDoor, ...]:
@@ -21,7 +16,7 @@ def load_rotating(config: Config) -> tuple[RotatingDoor, ...]:
             continue
         rings = []
         for p in d.rotating_key:
-            path = _resolve(config.path, p)
+            path = config.resolve(p)
             key = shared.load(path)
             rings.append(KeyRing(path, key.params, tuple((s.key_id, s.secret, s.until) for s in key.secrets)))
         doors.append(RotatingDoor(d.name, tuple(rings), d.seq_timeout, d.tcpflags, d.target, d.rotating_bind_source))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import time
 
 from spa.authorize import Accepted, SpaDoor, Verifier
@@ -31,16 +30,12 @@ log = logging.getLogger("spa.server.spa")
 JUNK = frozenset({"size", "version", "unknown-key", "aead"})
 
 
-def _resolve(config_path: str, path: str) -> str:
-    return path if os.path.isabs(path) else os.path.join(os.path.dirname(os.path.abspath(config_path)), path)
-
-
 def load_authorized(config: Config) -> dict[str, tuple[str, list[AuthorizedKey]]]:
     """Door name -> (authorized_keys path, its keys), for every door that accepts SPA."""
     out = {}
     for d in config.doors:
         if d.authorized_keys is not None:
-            path = _resolve(config.path, d.authorized_keys)
+            path = config.resolve(d.authorized_keys)
             out[d.name] = (path, parse_authorized_keys(read_public(path), path))
     return out
 
@@ -51,7 +46,7 @@ def load_verifier(config: Config) -> Verifier | None:
     if not authorized:
         return None
     assert config.options.server_key is not None  # the parser requires it
-    server = ed25519.load(_resolve(config.path, config.options.server_key))
+    server = ed25519.load(config.resolve(config.options.server_key))
     if server.private.role != "server":
         log.warning("%s is a %s key; 'spa keygen --server' makes server keys", server.path, server.private.role)
     doors = []

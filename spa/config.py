@@ -118,6 +118,10 @@ class Config:
     #: ``path:line: message`` for each accepted oddity.
     warnings: tuple[str, ...] = ()
 
+    def resolve(self, path: str) -> str:
+        """A path named in the file (key files, one-time sequences): relative ones are taken from the file's folder."""
+        return path if os.path.isabs(path) else os.path.join(os.path.dirname(os.path.abspath(self.path)), path)
+
 
 # --------------------------------------------------------------------------
 # Keys: upper-case spelling -> (canonical name, section, value kind).

@@ -17,8 +17,8 @@ class InvalidGrant(SpaError, ValueError):
     """A grant, address, port or duration that cannot be opened."""
 
 
-class ConfigError(SpaError):
-    """A configuration problem, located at a file and line when known."""
+class LocatedError(SpaError):
+    """An error about a file, located at a line when known: ``str()`` reads ``path:line: message``."""
 
     def __init__(self, message: str, path: str | None = None, line: int | None = None):
         self.message = message
@@ -28,6 +28,10 @@ class ConfigError(SpaError):
         if path is not None:
             where = f"{path}:{line}: " if line is not None else f"{path}: "
         super().__init__(f"{where}{message}")
+
+
+class ConfigError(LocatedError):
+    """A configuration problem, located at a file and line when known."""
 
 
 class ConfigInvalid(ConfigError):
@@ -74,17 +78,8 @@ class BackendUnavailable(FirewallError):
     """The chosen firewall backend cannot run on this host (binary or library missing)."""
 
 
-class KeyFileError(SpaError):
+class KeyFileError(LocatedError):
     """A key file that is missing, unreadable, unsafe or malformed; names the file (and line)."""
-
-    def __init__(self, message: str, path: str | None = None, line: int | None = None):
-        self.message = message
-        self.path = path
-        self.line = line
-        where = ""
-        if path is not None:
-            where = f"{path}:{line}: " if line is not None else f"{path}: "
-        super().__init__(f"{where}{message}")
 
 
 class PacketRejected(SpaError):
