@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from spa.authorize import Verifier
 from spa.config import Config, Door, load_config
-from spa.errors import ConfigError, SpaError
+from spa.errors import ConfigError, InvalidGrant, SpaError
 from spa.grant import Address, CommandAction, Grant
 from spa.knock import Knock
 from spa.matcher import MatchDoor, MatchEvent, Matcher
@@ -132,14 +132,20 @@ def door_grant(door: Door, address: Address, duration: float | None = None, via:
     """What a completed knock (or an SPA packet) on ``door`` for ``address`` opens, or None when nothing.
 
     ``duration`` (SPA: what the client asked for, already capped) replaces the door's ``cmd_timeout``.
+    An address that can never be granted (unspecified, multicast) opens nothing: this runs on the
+    capture loop, where packet content must never raise.
     """
-    if door.open:
-        return Grant(door.name, address, door.open, duration or door.cmd_timeout, via=via)
-    action = CommandAction(door.start_command, door.stop_command, door.start_command_6, door.stop_command_6)
-    start, stop = action.commands_for(address)
-    if start is None:
-        return None  # knockd never runs a stop command without a start command
-    return Grant(door.name, address, (), (duration or door.cmd_timeout) if stop else ONE_SHOT, action, via=via)
+    try:
+        if door.open:
+            return Grant(door.name, address, door.open, duration or door.cmd_timeout, via=via)
+        action = CommandAction(door.start_command, door.stop_command, door.start_command_6, door.stop_command_6)
+        start, stop = action.commands_for(address)
+        if start is None:
+            return None  # knockd never runs a stop command without a start command
+        return Grant(door.name, address, (), (duration or door.cmd_timeout) if stop else ONE_SHOT, action, via=via)
+    except InvalidGrant as exc:
+        log.warning("door %s: not opened for %s: %s", door.name, address, exc)
+        return None
 
 
 class Daemon:
