@@ -69,6 +69,9 @@ def main(udp: bool, delay: int, verbose: bool, v4: bool, v6: bool, tcpflags: int
     if key_path is not None:
         if len(ports) != 1:
             raise click.UsageError("with --key, give HOST and one DOOR name")
+        if udp or tcpflags is not None:
+            raise click.UsageError("-u and --tcpflags are for static knocks; with --key the key file decides "
+                                   "what is sent")
         _keyed(key_path, host, ports[0], server_key, allow_ip, spa_port, duration, family, delay, echo, bind_source)
         return
     if bind_source is not None:

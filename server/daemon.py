@@ -505,7 +505,10 @@ class Daemon:
             return False
         for w in new.warnings:
             log.warning("%s", w)
+        before = self.interfaces
         self.runtime = new
+        if self.interfaces != before:
+            self._recapture(before)
         self._next_rotation = rotating_match.boundaries(new.rotating, time.time())
         if new.verifier is None:
             self.spa = None
@@ -518,6 +521,25 @@ class Daemon:
         self.refresh_addresses()
         self.stats["reloads"] += 1
         return True
+
+    def _recapture(self, before: tuple[str, ...]) -> None:
+        """The config's ``Interface`` changed (and no ``-i`` overrides it): capture on the new list.
+
+        The new sockets open with the drop-all filter, and the reload installs
+        the real one in the same loop turn (``refresh_addresses``).
+        """
+        old = self.capture
+        try:
+            self.capture = Capture(self.interfaces, ipv6=not self.settings.only_ipv4)
+        except (OSError, ValueError, FilterError) as exc:
+            log.error("cannot capture on %s (%s); still on %s", ",".join(self.interfaces), exc, ",".join(before))
+            self.capture = old
+            return
+        self.filter_expression = None  # rebuilt for the new interfaces' addresses just after
+        if old is not None:
+            old.close()
+        self._sync_sockets()
+        events.info("now listening on %s (was %s)", ",".join(self.interfaces), ",".join(before))
 
     # -- metrics and status -------------------------------------------------------------
 

@@ -20,7 +20,7 @@ class Server:
     """spa-server in the server namespace, logging to a file we can wait on."""
 
     def __init__(self, lab: Lab, tmp: Path, config_text: str | None = None, config_path: Path | None = None,
-                 extra: tuple[str, ...] = (), real_knockd: bool = False):
+                 extra: tuple[str, ...] = (), real_knockd: bool = False, interface: str | None = "veth0"):
         self.lab = lab
         self.log = tmp / "server.log"
         self.config = config_path or tmp / "knockd.conf"
@@ -29,7 +29,8 @@ class Server:
         if real_knockd:
             argv = ["knockd", "-c", str(self.config), "-i", "veth0", "-g", str(self.log)]
         else:
-            argv = [sys.executable, "-m", "spa.server.cli", "-c", str(self.config), "-i", "veth0", "-g", str(self.log),
+            argv = [sys.executable, "-m", "spa.server.cli", "-c", str(self.config),
+                    *(("-i", interface) if interface else ()), "-g", str(self.log),
                     "--state-dir", str(tmp / "state"), *extra]
         ready = "listening on" if real_knockd else "starting up"
         before = self.text().count(ready)  # a restarted server appends to the same log

@@ -126,3 +126,25 @@ def test_broken_reload_keeps_the_old_config_and_names_file_and_line(lab, tmp_pat
         assert lab.wait_for(False, SERVER_V4, limit=DURATION + 3, source=CLIENT2_V4) is not None
     finally:
         server.stop()
+
+
+def test_a_reload_that_changes_interface_captures_on_the_new_one(lab, tmp_path):
+    lab.default_deny("nft")
+    door = """[ssh]
+    sequence    = 7000,8000,9000
+    seq_timeout = 5
+    tcpflags    = syn
+    open        = 22/tcp
+    cmd_timeout = 2
+"""
+    server = Server(lab, tmp_path, "[options]\n    Interface = lo\n" + door, interface=None)  # no -i: the file decides
+    try:
+        knock_client(lab, SERVER_V4, "7000", "8000", "9000")
+        assert not server.wait_log("OPEN SESAME", limit=0.5)  # deaf on veth0, as configured
+        server.config.write_text("[options]\n    Interface = veth0\n" + door)
+        server.signal(signal.SIGHUP)
+        assert server.wait_log("now listening on veth0 (was lo)")
+        knock_client(lab, SERVER_V4, "7000", "8000", "9000")
+        assert lab.wait_for(True, SERVER_V4, limit=2) is not None
+    finally:
+        server.stop()
