@@ -23,6 +23,10 @@ Kinds (what each frame is):
   sequence port (``--exclude``) nor the protected port;
 * ``ports``: uniformly one of ``--ports`` (``7000/tcp,5001/udp,...``),
   TCP ones as SYNs;
+* ``payloads``: UDP datagrams to ``--dport`` carrying the payloads of
+  ``--payloads FILE`` (records of a 2-byte big-endian length and the bytes;
+  frame ``i`` carries record ``i`` modulo their number): the SPA floods of
+  ``bench/spa_flood.py``;
 
 each from one of ``--sources`` spoofed addresses (252 by default), chosen at
 random per frame. The list of frames (``--frames``, 65536 by default) is
@@ -79,13 +83,13 @@ def _checksum(data: bytes) -> int:
 
 
 def build_frame(dst_mac: bytes, src_mac: bytes, src: str, dst: str, proto: str, sport: int, dport: int,
-                seq: int, ident: int) -> bytes:
+                seq: int, ident: int, payload: bytes = b"\0") -> bytes:
     s, d = ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed
     if proto == "tcp":
         l4 = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, 0x02, 64240, 0, 0)
         pnum = 6
     else:
-        l4 = struct.pack("!HHHH", sport, dport, 9, 0) + b"\0"
+        l4 = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
         pnum = 17
     pseudo = s + d + struct.pack("!BBH", 0, pnum, len(l4))
     csum = _checksum(pseudo + l4)
@@ -97,6 +101,32 @@ def build_frame(dst_mac: bytes, src_mac: bytes, src: str, dst: str, proto: str, 
     ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
     frame = dst_mac + src_mac + b"\x08\x00" + ip + l4
     return frame.ljust(FRAME_LEN, b"\0")
+
+
+MAX_PAYLOAD = 1400
+
+
+def read_payloads(path: str) -> list[bytes]:
+    """Records of a 2-byte big-endian length and that many bytes (``write_payloads``)."""
+    data = open(path, "rb").read()
+    out, i = [], 0
+    while i + 2 <= len(data):
+        (n,) = struct.unpack_from("!H", data, i)
+        if n > MAX_PAYLOAD or i + 2 + n > len(data):
+            raise SystemExit(f"flooder: bad payload record at byte {i} of {path}")
+        out.append(data[i + 2:i + 2 + n])
+        i += 2 + n
+    if not out:
+        raise SystemExit(f"flooder: no payloads in {path}")
+    return out
+
+
+def write_payloads(path: str, payloads: list[bytes]) -> None:
+    with open(path, "wb") as f:
+        for p in payloads:
+            if len(p) > MAX_PAYLOAD:
+                raise ValueError(f"payload of {len(p)} bytes: at most {MAX_PAYLOAD}")
+            f.write(struct.pack("!H", len(p)) + p)
 
 
 def parse_ports(text: str) -> list[tuple[str, int]]:
@@ -121,6 +151,13 @@ def build_frames(args, rng: random.Random, src_mac: bytes) -> list[bytes]:
             raise SystemExit(f"flooder: refusing source {a}: not a documentation address")
     if ipaddress.ip_address(args.dst_ip) not in LAB_NET:
         raise SystemExit(f"flooder: refusing destination {args.dst_ip}: not in {LAB_NET}")
+    if args.kind == "payloads":
+        if not args.payloads or not 1 <= args.dport <= 65535:
+            raise SystemExit("flooder: --kind payloads needs --payloads FILE and --dport")
+        payloads = read_payloads(args.payloads)
+        return [build_frame(dst_mac, src_mac, rng.choice(sources), args.dst_ip, "udp", rng.randint(1024, 65535),
+                            args.dport, 0, rng.getrandbits(16), payloads[i % len(payloads)])
+                for i in range(args.frames)]
     if args.kind == "ports":
         targets = parse_ports(args.ports)
         if not targets:
@@ -176,15 +213,18 @@ class Sender:
         self.fd = sock.fileno()
         self.n = len(frames)
         self.frames = frames
-        self.buf = ctypes.create_string_buffer(b"".join(frames), FRAME_LEN * self.n)
+        joined = b"".join(frames)
+        self.buf = ctypes.create_string_buffer(joined, len(joined))
         base = ctypes.addressof(self.buf)
         self.iov = (_Iovec * self.n)()
         self.msgs = (_Mmsghdr * self.n)()
         iov_base = ctypes.addressof(self.iov)
         isz = ctypes.sizeof(_Iovec)
-        for i in range(self.n):
-            self.iov[i].iov_base = base + i * FRAME_LEN
-            self.iov[i].iov_len = FRAME_LEN
+        offset = 0
+        for i in range(self.n):  # frames may differ in length (payload floods); each at least FRAME_LEN
+            self.iov[i].iov_base = base + offset
+            self.iov[i].iov_len = len(frames[i])
+            offset += len(frames[i])
             h = self.msgs[i].msg_hdr
             h.msg_iov = iov_base + i * isz
             h.msg_iovlen = 1
@@ -300,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iface", default="veth0")
     ap.add_argument("--dst-mac", required=True, help="the server end's MAC address")
     ap.add_argument("--dst-ip", default="192.0.2.1")
-    ap.add_argument("--kind", choices=("random", "ports"), required=True)
+    ap.add_argument("--kind", choices=("random", "ports", "payloads"), required=True)
+    ap.add_argument("--payloads", default="", help="for --kind payloads: the file of payload records")
+    ap.add_argument("--dport", type=int, default=0, help="for --kind payloads: the destination UDP port")
     ap.add_argument("--ports", default="", help="for --kind ports: 7000/tcp,5001/udp,...")
     ap.add_argument("--exclude", default="", help="for --kind random: ports never hit (the sequence ports)")
     ap.add_argument("--sources", type=int, default=252)

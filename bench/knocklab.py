@@ -1,7 +1,7 @@
 """Shared by ``bench/knock_latency.py`` and ``bench/flood.py``: a lab with a knock daemon in it, and a knocker.
 
 * ``KnockLab``: a ``Lab`` (server and client namespaces) with iptables-nft
-  ``INPUT`` policy DROP in the server namespace, the service on tcp/22, and
+  ``INPUT`` policy DROP in the server namespace (or native nft: ``deny="nft"``), the service on tcp/22, and
   extra client addresses 192.0.2.10 and up, each with a permanent neighbour
   entry on the server side (so no sample waits for an ARP exchange the
   earlier samples did not need);
@@ -44,7 +44,8 @@ FIRST_EXTRA = 10  # client addresses 192.0.2.10, .11, ... (the lab has .2 and .3
 MAX_EXTRA = 240
 
 __all__ = ["KNOCKD_START", "KNOCKD_STOP", "KnockLab", "Daemon", "Knocker", "door_text", "client_for", "percentile",
-           "machine", "write_section", "ms", "utc_now", "parse_sequence", "Prober", "code_id"]
+           "machine", "write_section", "ms", "utc_now", "parse_sequence", "Prober", "code_id",
+           "load_average"]
 
 
 def ms(x: float | None, digits: int = 2) -> str:
@@ -65,6 +66,11 @@ def code_id() -> str:
     except (OSError, subprocess.SubprocessError):
         return "?"
     return (head or "?") + ("+" if dirty else "")
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, now (the machines are shared: record them with each result)."""
+    return "%.2f %.2f %.2f" % os.getloadavg()
 
 
 def machine() -> dict[str, str]:
@@ -149,11 +155,12 @@ def door_text(name: str, sequence: str, action: str, *, seq_timeout: int = 5, tc
 class KnockLab:
     """A ``Lab`` with iptables-nft default deny, tcp/22 served, and ``extra`` more client addresses."""
 
-    def __init__(self, extra: int, tag: str = "kb"):
+    def __init__(self, extra: int, tag: str = "kb", deny: str = "iptables-nft"):
         if not 0 <= extra <= MAX_EXTRA:
             raise ValueError(f"at most {MAX_EXTRA} extra client addresses")
         self.lab = Lab(tag=tag)
         self.extra = extra
+        self.deny = deny  # the default-deny style: iptables-nft, or nft (an inet table of its own)
         self.sources: list[str] = []
         self.server_mac = ""
         self.client_mac = ""
@@ -161,7 +168,7 @@ class KnockLab:
     def __enter__(self) -> KnockLab:
         lab = self.lab.build()
         try:
-            lab.default_deny("iptables-nft")
+            lab.default_deny(self.deny)
             lab.listen(PORT)
             self.server_mac = self._mac(lab.server)
             self.client_mac = self._mac(lab.client)
