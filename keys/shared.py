@@ -143,9 +143,13 @@ def format_key(key: SharedKey) -> str:
 
 
 def _int(text: str, what: str, path: str, number: int) -> int:
-    if not text.isdigit():
+    # ASCII digits only: str.isdigit() also accepts '²', which int() refuses.
+    if not (text.isascii() and text.isdigit()):
         raise KeyFileError(f"'{what}' must be a whole number, not {text!r}", path, number)
-    return int(text)
+    significant = text.lstrip("0")  # int() refuses more than 4300 digits, leading zeros included
+    if len(significant) > 9:  # more than any value here
+        raise KeyFileError(f"'{what}' {text[:12]}... is out of range", path, number)
+    return int(significant or "0")
 
 
 def _secret(value: str, path: str, number: int) -> Secret:
@@ -173,7 +177,7 @@ def _secret(value: str, path: str, number: int) -> Secret:
             raise KeyFileError(f"'{name}' is given twice", path, number)
         try:
             times[name] = parse_time(text)
-        except InvalidGrant as exc:
+        except (ValueError, OverflowError) as exc:
             raise KeyFileError(f"'{name}': {exc}", path, number) from None
     if "created" not in times:
         raise KeyFileError("a secret line needs created=TIME", path, number)
@@ -229,11 +233,12 @@ def parse_key(text: str, path: str) -> SharedKey:
     exclude_text, exclude_line = values.get("exclude", ("", 0))
     try:
         lo, hi = parse_range(ports)
-    except InvalidGrant as exc:
-        raise KeyFileError(str(exc), path, ports_line) from None
+    except ValueError as exc:  # InvalidGrant, or int()'s own ValueError ('²' passes isdigit(); 4300+ digits)
+        raise KeyFileError(f"invalid port range {ports[:40]!r}: {exc}" if type(exc) is ValueError else str(exc),
+                           path, ports_line) from None
     try:
         exclude = parse_port_list(exclude_text)
-    except InvalidGrant as exc:
+    except ValueError as exc:
         raise KeyFileError(f"'exclude': {exc}", path, exclude_line) from None
     for name, value, lo_bound, hi_bound in (
         ("interval", interval, MIN_INTERVAL, MAX_INTERVAL),

@@ -192,6 +192,8 @@ _FALSE = {"no", "false", "off", "0"}
 
 _SECONDS_RE = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 _DIGITS_RE = re.compile(r"[0-9]+")
+#: A port written with more significant digits than this is out of range whatever it says.
+_PORT_DIGITS = 5
 _NEGATIVE_RE = re.compile(r"-[0-9]+")
 # Trailing comment on a non-command value: whitespace, then '#', then anything.
 _COMMENT_RE = re.compile(r"(?:^|\s)#")
@@ -277,7 +279,12 @@ def _port(token: str, seps: str) -> PortSpec | str:
             port_text, proto_text = token[:i], token[i + 1 :]
             break
     if _DIGITS_RE.fullmatch(port_text):
-        port = int(port_text)
+        significant = port_text.lstrip("0")
+        if len(significant) > _PORT_DIGITS:
+            # Not int(): Python refuses to convert more than 4300 digits, and no port has six.
+            shown = port_text if len(port_text) <= 40 else f"{port_text[:20]}... ({len(port_text)} digits)"
+            return f"port {shown} is out of range (1-65535)"
+        port = int(significant or "0")
     elif _NEGATIVE_RE.fullmatch(port_text):
         return f"port {port_text} is out of range (1-65535)"
     elif "/" in port_text and _DIGITS_RE.fullmatch(port_text.split("/", 1)[0]):
@@ -438,7 +445,9 @@ def _convert(canonical: str, kind: str, value: str, number: int, problems: _Prob
     elif kind == "interfaces":
         result = _interfaces(value, number, problems)
     elif kind == "port":
-        result = int(value) if _DIGITS_RE.fullmatch(value) and 1 <= int(value) <= 65535 else None
+        significant = value.lstrip("0")  # int() refuses more than 4300 digits, leading zeros included
+        result = (int(significant) if _DIGITS_RE.fullmatch(value) and 1 <= len(significant) <= _PORT_DIGITS
+                  and 1 <= int(significant) <= 65535 else None)
         if result is None:
             problems.error(number, f"'{canonical}' must be a port number (1-65535), not {value!r}")
     elif kind == "window":

@@ -5,6 +5,12 @@ Input starts at the network header: the capture reads AF_PACKET
 Anything that is not a TCP or UDP packet we can read completely, is
 truncated, is malformed, or is a non-first fragment gives ``None``; no input
 makes ``parse_ip`` raise.
+
+A packet whose source is unspecified (``0.0.0.0``, ``::``) or multicast
+(also as an IPv4-mapped IPv6 address) gives ``None`` too: no grant can ever
+be made for such a source (``spa.grant.parse_address`` refuses it), so it
+is never a knock, and letting it reach the matcher would make the grant
+step raise on the capture loop (found by tests/fuzz).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ _UDP_HDR = struct.Struct("!HH")
 _UDP_LEN = struct.Struct("!H")
 _UDP_MIN = 8
 _FRAG_OFFSET = struct.Struct("!H")
+_ZERO6 = bytes(16)
+_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 
 # Address objects by packed value (int for IPv4, 16 bytes for IPv6): building
 # one costs about as much as the rest of the parse, and the destinations (our
@@ -94,6 +102,15 @@ def _locate(data: bytes | bytearray | memoryview) -> tuple[int, int, int, int, i
     return version, proto, off, end, src, dst
 
 
+def _unusable_source(version: int, src: int | bytes) -> bool:
+    """An unspecified or multicast source (IPv4-mapped too): never a knocker, no grant possible."""
+    if version == 4:
+        return src == 0 or src >> 28 == 0xE  # type: ignore[operator]
+    if src[0] == 0xFF or src == _ZERO6:
+        return True
+    return src[:12] == _MAPPED_PREFIX and (src[12:] == b"\0\0\0\0" or src[12] >> 4 == 0xE)  # type: ignore[index]
+
+
 def udp_payload(data: bytes | bytearray | memoryview) -> bytes | None:
     """The payload of a UDP datagram (an SPA packet), bounded by the UDP length; None if not one."""
     found = _locate(data)
@@ -114,6 +131,8 @@ def parse_ip(data: bytes | bytearray | memoryview, time: float) -> Knock | None:
     if found is None:
         return None
     version, proto, off, end, src, dst = found
+    if _unusable_source(version, src):
+        return None
 
     if proto == _TCP:
         if off + _TCP_MIN > end:

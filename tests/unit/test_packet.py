@@ -255,6 +255,10 @@ def reference_parse(pkt: bytes) -> tuple | None:
             walked += 1
     else:
         return None
+    # A source no grant can be made for (unspecified, multicast, also IPv4-mapped) is never a knock.
+    plain = src.ipv4_mapped if version == 6 and src.ipv4_mapped is not None else src
+    if plain.is_unspecified or plain.is_multicast:
+        return None
     if proto == TCP:
         if len(body) < 20 or body[12] >> 4 < 5:
             return None
@@ -334,3 +338,20 @@ def test_address_cache_is_bounded_and_exact():
     a = parse_ip(ipv4(UDP, udp(), src="0.0.0.1"), 0.0).src
     b = parse_ip(ipv6(UDP, udp(), src="::1"), 0.0).src
     assert (a.version, b.version) == (4, 6)
+
+
+def test_sources_no_grant_can_be_made_for_are_not_knocks():
+    """Regression (tests/fuzz): such a knock used to raise InvalidGrant on the capture loop.
+
+    One SYN from 0.0.0.0 to a one-step door (door_grant -> Grant) or into a
+    Rotating_Bind_Source door's range (source_bytes) stopped the daemon.
+    """
+    for src in ("0.0.0.0", "224.0.0.1", "239.255.255.255"):
+        assert parse_ip(ipv4(TCP, tcp(), src=src), 0.0) is None
+    for src in ("::", "ff02::1", "ff0e::1", "::ffff:0.0.0.0", "::ffff:224.0.0.1"):
+        assert parse_ip(ipv6(UDP, udp(), src=src), 0.0) is None
+    # Neighbours that can be granted still parse (the destination is not checked: multicast knocks are fine).
+    for src in ("0.0.0.1", "223.255.255.255", "240.0.0.1", "255.255.255.255"):
+        assert parse_ip(ipv4(TCP, tcp(), src=src, dst="224.0.0.1"), 0.0).src == ipaddress.ip_address(src)
+    for src in ("::1", "fe80::1", "::ffff:192.0.2.1", "::ffff:0.0.0.1"):
+        assert parse_ip(ipv6(UDP, udp(), src=src, dst="ff02::1"), 0.0).src == ipaddress.ip_address(src)
