@@ -355,15 +355,15 @@ class Daemon:
                 # knockd -D's packet line, with the right month (knockd prints it one too low).
                 log.debug("%s: %s: %s:%d -> %s:%d %d bytes", time.strftime("%Y-%m-%d %H:%M:%S"), k.proto,
                           k.src, k.sport, k.dst, k.dport, len(data))
-            for e in self.matcher.feed(k):
-                self._log_event(e, ts)
+            found = self.matcher.feed(k)
+            if bound:
+                found += bound.feed(k, time.time())
+            # Grants first, log lines after: the firewall should not wait for a log write.
+            for e in found:
                 if e.kind == "open":
                     self._opened(e, k)
-            if bound:
-                for e in bound.feed(k, time.time()):
-                    self._log_event(e, ts)
-                    if e.kind == "open":
-                        self._opened(e, k)
+            for e in found:
+                self._log_event(e, ts)
 
     def _spa_packet(self, data, k: Knock) -> None:
         assert self.spa is not None
@@ -377,13 +377,13 @@ class Daemon:
         door = self.runtime.doors.get(acc.door)
         via = f"SPA key {acc.key_id}" + (f" ({acc.comment})" if acc.comment else "")
         grant = door_grant(door, acc.address, acc.duration, via) if door is not None else None
-        events.info("%s: %s: OPEN SESAME (SPA key %s%s) for %s, %.0f s", self.names(k.src), acc.door, acc.key_id,
-                    f" {acc.comment}" if acc.comment else "", acc.address, acc.duration)
-        self.stats["opens"] += 1
         if grant is not None:
             self.manager.submit(grant, (acc.nonce, acc.remember_until))
         else:  # a door that only logs: the nonce is still kept, off the loop
             self._io.submit(self.manager.journal.remember, [(acc.nonce, acc.remember_until)])
+        self.stats["opens"] += 1
+        events.info("%s: %s: OPEN SESAME (SPA key %s%s) for %s, %.0f s", self.names(k.src), acc.door, acc.key_id,
+                    f" {acc.comment}" if acc.comment else "", acc.address, acc.duration)
 
     def rotate_sequences(self) -> None:
         """A window boundary: swap in the sequences now in force, and the filter for exactly their ports."""
@@ -458,13 +458,13 @@ class Daemon:
         interval = max(r.params.interval for r in rdoor.rings)
         until = rotating_match.used_until(c, interval)
         self.replay.add(token, until)  # burned now: a copy completing a moment later is refused
-        self.stats["opens"] += 1
-        events.info("%s: %s: OPEN SESAME (rotating key %s, window %d)", who, c.door, c.key_id, c.counter)
         grant = door_grant(door, e.source, via=f"rotating key {c.key_id}, window {c.counter}")
         if grant is not None:
             self.manager.submit(grant, (token, until))
         else:
             self._io.submit(self.manager.journal.remember, [(token, until)])
+        self.stats["opens"] += 1
+        events.info("%s: %s: OPEN SESAME (rotating key %s, window %d)", who, c.door, c.key_id, c.counter)
 
     def _mark_used(self, door: Door, onetime: OneTimeSequences, line_no: int, nxt, grant: Grant | None) -> None:
         try:
