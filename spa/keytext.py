@@ -48,7 +48,8 @@ def _b64(raw: bytes) -> str:
 
 
 def _content(text: str):
-    for number, raw in enumerate(text.splitlines(), 1):
+    # Lines end at '\n' only (as in the config parser), so line numbers match an editor's.
+    for number, raw in enumerate(text.split("\n"), 1):
         line = raw.strip()
         if line and not line.startswith("#"):
             yield number, line

@@ -142,7 +142,9 @@ def parse_range(text: str) -> tuple[int, int]:
     """``10000-65000`` as (10000, 65000); checked again by ``Params``."""
     lo_text, sep, hi_text = text.partition("-")
     lo_text, hi_text = lo_text.strip(), hi_text.strip()
-    if not sep or not lo_text.isdigit() or not hi_text.isdigit():
+    # isascii: str.isdigit() accepts digits such as '²' that int() refuses.
+    if not sep or not (lo_text + hi_text).isascii() or not lo_text.isdigit() or not hi_text.isdigit() \
+            or len(lo_text) > 5 or len(hi_text) > 5:
         raise InvalidGrant(f"invalid port range {text!r}: expected LOW-HIGH, for example 10000-65000")
     return int(lo_text), int(hi_text)
 
@@ -151,7 +153,7 @@ def parse_port_list(text: str) -> frozenset[int]:
     """``62201, 22 8080`` as a set of port numbers (commas and/or spaces); empty text is no port."""
     ports = set()
     for item in text.replace(",", " ").split():
-        if not item.isdigit():
+        if not item.isascii() or not item.isdigit() or len(item) > 5:
             raise InvalidGrant(f"invalid port {item!r} in {text!r}: expected port numbers")
         ports.add(_check_int("port", int(item), 1, 65535))
     return frozenset(ports)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from spa import rotating
+from spa.errors import InvalidGrant
 from spa.grant import Address, PortSpec
 from spa.knock import Knock, TcpFlags
 from spa.matcher import MatchDoor, MatchEvent, Matcher
@@ -194,7 +195,10 @@ class SourceBound:
             return []
         entry = self._sources.get(k.src)
         if entry is None or entry[0] != self._generation:
-            doors = candidates_for(self.doors, now, k.src)
+            try:
+                doors = candidates_for(self.doors, now, k.src)
+            except InvalidGrant:
+                return []  # a source no grant can go to (unspecified, multicast): never a knock
             if entry is None:
                 matcher = Matcher(doors, local_addresses=self.local_addresses)
             else:

@@ -129,3 +129,13 @@ def test_source_bound_doors_derive_per_source_and_stay_bounded():
     assert len(bound._sources) <= 8 and bound.evictions > 0
     assert all(lo == PARAMS.lo and hi == PARAMS.hi for lo, hi in bound._ranges["tcp"])
     assert len(bound.steps()) == PARAMS.hi - PARAMS.lo + 1
+
+
+def test_source_bound_ignores_sources_no_grant_can_go_to():
+    from spa.rotating_match import SourceBound
+
+    bound = SourceBound([door(bind_source=True)])
+    for bad in ("0.0.0.0", "224.0.0.1", "::", "ff02::1"):
+        src = ipaddress.ip_address(bad)
+        dst = DST if src.version == 4 else ipaddress.ip_address("2001:db8::1")
+        assert bound.feed(Knock(src, dst, "tcp", 1, PARAMS.lo, 0x02, 1, 1.0), 30000.0) == []
