@@ -5,6 +5,7 @@ Checks run cheapest first, so junk and forgeries cost microseconds and never
 reach the one public-key operation:
 
 1. size and version                      (``spa.protocol.open_header``)
+   and the cleartext nonce against the replay cache (a dictionary lookup)
 2. key hint known                        (a dictionary lookup)
 3. AEAD                                  (XChaCha20-Poly1305, constant time)
 4. time window                           (tells how far off the client's clock is)
@@ -120,6 +121,12 @@ class Verifier:
     ) -> Accepted:
         """Decide on one datagram from ``source``; raises ``PacketRejected`` with the reason."""
         header = protocol.open_header(data)
+        # The cache holds only nonces of packets that passed every check, so a
+        # hit here can never refuse a packet that would have been accepted:
+        # a flood of replayed packets is dropped for a dictionary lookup,
+        # before any decryption.
+        if seen(header.nonce):
+            raise PacketRejected("replay", "this packet was already used")
         self._refresh(now)
         found = self._hints.get(header.hint)
         if found is None:

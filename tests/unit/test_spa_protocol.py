@@ -640,7 +640,7 @@ def test_replay_is_refused_from_any_source(vectors):
         assert info.value.reason == "replay"
 
 
-def test_replay_cache_is_not_asked_about_junk(vectors):
+def test_junk_asks_the_replay_cache_once_and_a_known_nonce_is_refused_before_decryption(vectors):
     asked: list[bytes] = []
 
     def seen(nonce: bytes) -> bool:
@@ -649,11 +649,25 @@ def test_replay_cache_is_not_asked_about_junk(vectors):
 
     verifier = _verifier(vectors)
     for v in vectors["negative"]:
-        if v["reason"] in ("size", "version", "unknown-key", "aead", "malformed", "stale", "future"):
+        if v["reason"] in ("unknown-key", "aead", "malformed", "stale", "future"):
+            asked.clear()
             with pytest.raises(PacketRejected):
                 verifier.check(bytes.fromhex(v["packet"]), ipaddress.ip_address(v["source"]), v["now_ms"] / 1000,
                                seen)
-    assert asked == []
+            # One lookup of the cleartext nonce (a dictionary probe); the cache is only ever written by the caller,
+            # for accepted packets, so junk cannot fill it.
+            assert asked == [bytes.fromhex(v["packet"])[9:33]]
+        if v["reason"] in ("size", "version"):
+            asked.clear()
+            with pytest.raises(PacketRejected):
+                verifier.check(bytes.fromhex(v["packet"]), ipaddress.ip_address(v["source"]), v["now_ms"] / 1000,
+                               seen)
+            assert asked == []
+    # A nonce the cache knows is refused at once, whatever follows it (no decryption, no hint lookup).
+    junk = bytes([1]) + bytes(8) + b"N" * 24 + bytes(protocol.PACKET_SIZE - 33)
+    with pytest.raises(PacketRejected) as info:
+        verifier.check(junk, ipaddress.ip_address("192.0.2.2"), 0.0, lambda n: n == b"N" * 24)
+    assert info.value.reason == "replay"
 
 
 # -- policy ------------------------------------------------------------------
