@@ -6,8 +6,11 @@ thread does the firewall work, closes grants at their deadlines and
 periodically checks that the firewall still holds what we put there
 (fail2ban's check/repair), putting it back when someone flushed the ruleset.
 
-The journal is the truth about what is open. A grant is written there
-before the firewall is touched; at start-up ``reconcile()`` closes what is
+The journal is the truth about what is open. A command grant, and any grant
+that carries an SPA nonce or a used rotating sequence, is written there
+before the firewall is touched; a plain native grant (nft, iptables) right
+after, because the kernel holds its deadline anyway (see ``grant_many``). At
+start-up ``reconcile()`` closes what is
 overdue and reschedules the rest, so after ``kill -9`` a grant stays open no
 longer than its deadline (nft and iptables: the kernel stops matching at the
 deadline) or until the next start (command backend).
@@ -18,6 +21,7 @@ from __future__ import annotations
 import collections
 import heapq
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -196,19 +200,35 @@ class GrantManager:
                 entry = self.journal.get(g.door, g.address)
                 previous = entry.grant if entry is not None and not entry.closing else None
                 pairs.append((regrant(previous, g, now), previous))
-            self.journal.put_many([h for h, _ in pairs], self.native.name, list(nonces))
+            # An SPA nonce or a burned rotating sequence must be on disk before
+            # the firewall opens (a replay after a crash must still fail), so
+            # such a batch is journaled first. A batch without one opens first
+            # and is journaled right after: the kernel holds each native
+            # grant's deadline itself, so a crash in between leaves an element
+            # that closes on time and is adopted at the next start, and the
+            # fsync no longer delays the opening.
+            journal_first = bool(nonces)
+            if journal_first:
+                self.journal.put_many([h for h, _ in pairs], self.native.name, list(nonces))
             try:
                 self.native.open_many(pairs)
             except FirewallError as exc:
                 log.warning("batch of %d grants failed (%s); trying them one by one", len(pairs), exc)
-                for h, prev in pairs:
-                    if prev is not None:
-                        self.journal.put(prev, self.native.name)
-                    else:
-                        self.journal.delete(h.door, h.address)
+                if journal_first:
+                    for h, prev in pairs:
+                        if prev is not None:
+                            self.journal.put(prev, self.native.name)
+                        else:
+                            self.journal.delete(h.door, h.address)
                 for g in native:
                     held_all += self._grant_logged(g)
                 return held_all
+            if not journal_first:
+                try:
+                    self.journal.put_many([h for h, _ in pairs], self.native.name)
+                except sqlite3.Error as exc:
+                    # Open already; the kernel still closes each one at its deadline.
+                    log.error("journal write failed after opening %d grant(s): %s", len(pairs), exc)
             self.counters["firewall_ops"] += 1
             for g, (h, prev) in zip(native, pairs):
                 self.counters["grants_total"] += 1

@@ -1,8 +1,10 @@
-"""The grant journal: every grant written to disk before the firewall is touched.
+"""The grant journal: every grant on disk, with its deadline (and SPA replay-cache entries).
 
-SQLite in WAL mode with ``synchronous=FULL``: a grant that was opened is on
-disk even if the machine loses power right after, so the next start can close
-it on time (fail2ban runs its database with ``synchronous=OFF``; we do not).
+SQLite in WAL mode with ``synchronous=FULL``: a grant is on disk before its
+firewall change (command, SPA and rotating grants) or right after it (plain
+knock grants, whose deadline the kernel holds anyway), so the next start can
+close it on time even after a power loss (fail2ban runs its database with
+``synchronous=OFF``; we do not).
 One row per (door, address). A row whose ``closing`` flag is set is being
 closed; whoever sets the flag (the daemon at the deadline, or ``spa grants
 --revoke`` from another process) runs the close, so a stop command never
