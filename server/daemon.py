@@ -174,7 +174,7 @@ class Daemon:
         self.notifier = Notifier()
         self._throttle = Throttle()
         self.replay = ReplayCache()
-        self.spa: SpaReceiver | None = SpaReceiver(runtime.verifier, self.replay) if runtime.verifier else None
+        self.spa: SpaReceiver | None = SpaReceiver(runtime.verifier, self.replay, manager.reserve) if runtime.verifier else None
         self._next_junk_summary = 0.0
         self._next_rotation = rotating_match.boundaries(runtime.rotating, time.time())
 
@@ -513,7 +513,7 @@ class Daemon:
         if new.verifier is None:
             self.spa = None
         elif self.spa is None:
-            self.spa = SpaReceiver(new.verifier, self.replay)
+            self.spa = SpaReceiver(new.verifier, self.replay, self.manager.reserve)
         else:
             self.spa.verifier = new.verifier  # the replay cache and counters carry over
         self.matcher.set_doors(new.match_doors())

@@ -67,6 +67,9 @@ class GrantManager:
         self._pending: collections.OrderedDict[tuple, Grant] = collections.OrderedDict()
         # SPA replay-cache entries of the pending grants: journaled with them.
         self._nonces: list[tuple[bytes, float]] = []
+        # Nonces to make durable ahead of their grant (reserve()), and those already on disk.
+        self._reserved: list[tuple[bytes, float]] = []
+        self._durable: dict[bytes, float] = {}
         self._heap: list[tuple[float, str, str]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -124,6 +127,19 @@ class GrantManager:
                         self.counters["firewall_failures"] += 1
 
     # -- granting ------------------------------------------------------------
+
+    def reserve(self, nonce: bytes, until: float) -> None:
+        """Start writing an SPA nonce to the journal before its grant is decided (safe from the capture loop).
+
+        The capture loop calls this just before the signature check, so the
+        fsync runs while the signature is verified; the grant that follows
+        then finds its nonce on disk and opens at once. A nonce reserved for a
+        packet that is refused after all stays in the replay table until its
+        window ends: harmless, only such a packet could carry it.
+        """
+        with self._cond:
+            self._reserved.append((nonce, until))
+            self._cond.notify()
 
     def submit(self, grant: Grant, nonce: tuple[bytes, float] | None = None) -> None:
         """Queue a grant; returns at once (safe from the capture loop).
@@ -380,14 +396,34 @@ class GrantManager:
 
     # -- worker ----------------------------------------------------------------
 
+    def _make_durable(self) -> None:
+        with self._cond:
+            reserved, self._reserved = self._reserved, []
+        if not reserved:
+            return
+        try:
+            self.journal.remember(reserved)
+        except sqlite3.Error as exc:
+            log.error("cannot write %d SPA nonce(s) to the journal: %s", len(reserved), exc)
+            return  # their grants will be journaled first, nonce included
+        now = self._clock()
+        with self._cond:
+            for nonce, until in reserved:
+                self._durable[nonce] = until
+            if len(self._durable) > MAX_PENDING:  # only ever this big if grants never followed
+                self._durable = {n: u for n, u in self._durable.items() if u > now}
+
     def _drain(self) -> None:
         while True:
+            self._make_durable()
             with self._cond:
                 if not self._pending:
                     return
                 batch = list(self._pending.values())
                 self._pending.clear()
-                nonces, self._nonces = self._nonces, []
+                # Nonces already on disk (reserved ahead) need no journal-first commit.
+                nonces = [n for n in self._nonces if self._durable.pop(n[0], None) is None]
+                self._nonces = []
             try:
                 self.grant_many(batch, nonces)
             except Exception:  # noqa: BLE001 - the journal or a bug; log and keep the worker alive
@@ -399,7 +435,7 @@ class GrantManager:
             with self._cond:
                 if self._stopping:
                     return
-                if not self._pending:
+                if not self._pending and not self._reserved:
                     wait = next_repair - time.monotonic()
                     if self._heap:
                         wait = min(wait, self._heap[0][0] - self._clock())

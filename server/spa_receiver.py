@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Callable
 
 from spa.authorize import Accepted, SpaDoor, Verifier
 from spa.config import Config
@@ -64,9 +65,13 @@ def load_verifier(config: Config) -> Verifier | None:
 
 
 class SpaReceiver:
-    def __init__(self, verifier: Verifier, replay: ReplayCache):
+    def __init__(self, verifier: Verifier, replay: ReplayCache,
+                 reserve: Callable[[bytes, float], None] | None = None):
         self.verifier = verifier
         self.replay = replay
+        #: Called with (nonce, until) before the signature check: the grant
+        #: manager starts writing the nonce to disk while the signature is checked.
+        self.reserve = reserve
         self.rejected: collections.Counter[str] = collections.Counter()
         self.accepted = 0
         self._throttle = Throttle(rate=20.0, burst=100.0)
@@ -76,7 +81,7 @@ class SpaReceiver:
         """Decide on one datagram; the accepted request (nonce already remembered in memory) or None."""
         now = time.time() if now is None else now
         try:
-            acc = self.verifier.check(payload, source, now, self.replay.__contains__)
+            acc = self.verifier.check(payload, source, now, self.replay.__contains__, self.reserve)
         except PacketRejected as exc:
             self.rejected[exc.reason] += 1
             if exc.reason in JUNK:

@@ -118,8 +118,14 @@ class Verifier:
         source: Address,
         now: float,
         seen: Callable[[bytes], bool],
+        fresh: Callable[[bytes, float], None] | None = None,
     ) -> Accepted:
-        """Decide on one datagram from ``source``; raises ``PacketRejected`` with the reason."""
+        """Decide on one datagram from ``source``; raises ``PacketRejected`` with the reason.
+
+        ``fresh(nonce, remember_until)`` is called once the packet is known
+        authentic for the pair, in time and new, just before the signature
+        check: the caller may start making the nonce durable meanwhile.
+        """
         header = protocol.open_header(data)
         # The cache holds only nonces of packets that passed every check, so a
         # hit here can never refuse a packet that would have been accepted:
@@ -137,8 +143,13 @@ class Verifier:
         skew = protocol.check_time(request, now, self.window)
         if seen(request.nonce):
             raise PacketRejected("replay", "this packet was already used")
+        if fresh is not None:
+            fresh(request.nonce, self._remember_until(request))
         protocol.check_signature(sealed, client.public, self.server_public)
         return self._policy(client, request, source, skew, now)
+
+    def _remember_until(self, request: protocol.Request) -> float:
+        return request.time + self.window + 1.0
 
     def _policy(self, client: Client, request: protocol.Request, source: Address, skew: float,
                 now: float) -> Accepted:
@@ -167,6 +178,6 @@ class Verifier:
             address=address,
             duration=duration,
             nonce=request.nonce,
-            remember_until=request.time + self.window + 1.0,
+            remember_until=self._remember_until(request),
             skew=skew,
         )

@@ -70,7 +70,7 @@ PARAMS = rotating.Params(interval=30, length=2, lo=20000, hi=20063, proto="mixed
 
 
 class FakeManager:
-    """What the daemon's packet path uses of ``GrantManager``: ``submit`` and ``journal.remember``."""
+    """What the daemon's packet path uses of ``GrantManager``: ``submit``, ``reserve`` and ``journal.remember``."""
 
     def __init__(self) -> None:
         self.submitted: list = []
@@ -84,6 +84,9 @@ class FakeManager:
 
     def remember(self, entries) -> None:
         self.remembered.extend(entries)
+
+    def reserve(self, nonce, until) -> None:
+        self.remembered.append((nonce, until))
 
     def active(self) -> list:
         return []

@@ -1,0 +1,90 @@
+"""The order of journal and firewall writes in the grant manager, against a recording native backend."""
+
+from __future__ import annotations
+
+import time
+
+from spa.grant import Grant
+from spa.server.firewall.base import Backend
+from spa.server.grants import GrantManager
+from spa.server.journal import Journal
+
+
+class Recording(Backend):
+    """A native backend that records each open with what the journal held at that moment."""
+
+    name = "recording"
+    lists_firewall = False
+
+    def __init__(self, journal_path):
+        self.journal_path = journal_path
+        self.opens: list[tuple[list, list]] = []
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return None
+
+    def setup(self) -> None: ...
+
+    def teardown(self) -> None: ...
+
+    def check(self) -> list[str]:
+        return []
+
+    def list(self):
+        return []
+
+    def open(self, grant, previous=None) -> None:
+        self.open_many([(grant, previous)])
+
+    def open_many(self, pairs) -> None:
+        j = Journal(self.journal_path)  # another connection: sees only what is committed
+        try:
+            self.opens.append(([e.grant.door for e in j.all()], j.replay_entries(0.0)))
+        finally:
+            j.close()
+
+    def close(self, grant) -> None: ...
+
+
+def _manager(tmp_path):
+    state = tmp_path / "state"
+    backend = Recording(state)
+    mgr = GrantManager(Journal(state), backend, None, repair_interval=60)
+    return mgr, backend
+
+
+def _wait(cond, limit=5.0):
+    end = time.monotonic() + limit
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.005)
+    return cond()
+
+
+def test_a_knock_grant_opens_first_and_is_journaled_right_after(tmp_path):
+    mgr, backend = _manager(tmp_path)
+    mgr.start()
+    try:
+        mgr.submit(Grant.create("knock", "192.0.2.2", "22/tcp", 30))
+        assert _wait(lambda: mgr.journal.get("knock", Grant.create("knock", "192.0.2.2", "22/tcp", 30).address))
+        assert backend.opens == [([], [])]  # the firewall saw an empty journal
+    finally:
+        mgr.stop()
+
+
+def test_an_spa_grant_finds_its_nonce_on_disk_whether_reserved_ahead_or_not(tmp_path):
+    mgr, backend = _manager(tmp_path)
+    mgr.start()
+    try:
+        until = time.time() + 60
+        mgr.reserve(b"A" * 24, until)  # the capture loop, before the signature check
+        mgr.submit(Grant.create("spa", "192.0.2.2", "22/tcp", 30), (b"A" * 24, until))
+        assert _wait(lambda: len(backend.opens) == 1)
+        doors, nonces = backend.opens[0]
+        assert (b"A" * 24, until) in [(bytes(n), u) for n, u in nonces]
+        mgr.submit(Grant.create("spa", "192.0.2.3", "22/tcp", 30), (b"B" * 24, until))  # no reservation
+        assert _wait(lambda: len(backend.opens) == 2)
+        doors, nonces = backend.opens[1]
+        assert b"B" * 24 in [bytes(n) for n, _ in nonces] and "spa" in doors  # journal-first, nonce included
+    finally:
+        mgr.stop()
