@@ -237,8 +237,7 @@ class Daemon:
                 steps.add((s.proto, s.port, d.tcpflags))
         if self.spa_port is not None:
             steps.add(("udp", self.spa_port, None))
-        steps.update(self.bound.steps())
-        expr = knock_filter(local | targets, steps)
+        expr = knock_filter(local | targets, steps, self.bound.ranges())
         if expr != self.filter_expression:
             try:
                 insns = compile_filter(expr) if expr is not None else DROP_ALL

@@ -104,13 +104,16 @@ def _check_port(proto: str, port: int) -> None:
 def knock_filter(
     destinations: Iterable[Address],
     steps: Iterable[tuple[str, int, TcpFlags | None]],
+    ranges: Iterable[tuple[str, int, int, TcpFlags | None]] = (),
 ) -> str | None:
     """The expression passing TCP/UDP packets to ``destinations`` whose (proto, dport[, flags]) is a step.
 
     ``steps`` are ``(proto, port, flags)``, with flags ``None`` (or empty) for
     "any flags" and ignored for UDP. A port with an any-flags step needs no
     flag test; flag tests that can never hold (a flag both set and clear) are
-    dropped. Returns ``None`` when nothing can match (see the module doc).
+    dropped. ``ranges`` are whole port ranges ``(proto, lo, hi, flags)`` (rotating
+    doors that bind the source), each one ``portrange`` term. Returns ``None``
+    when nothing can match (see the module doc).
     """
     addrs = _destinations(destinations)
     udp: set[int] = set()
@@ -138,6 +141,15 @@ def knock_filter(
         ports = ports - tcp_any  # already passed with any flags
         if ports:
             terms.append(f"({port_expression('tcp', ports)} and {_flag_test(mask, value, v4, v6)})")
+    for proto, lo, hi, flags in sorted(set(ranges), key=lambda r: (r[0], r[1], r[2], str(r[3]))):
+        _check_port(proto, lo)
+        _check_port(proto, hi)
+        term = f"{proto} dst portrange {lo}-{hi}"
+        if proto == "tcp" and flags is not None and (flags.must_set | flags.must_clear) \
+                and not flags.must_set & flags.must_clear:
+            mask = (flags.must_set | flags.must_clear) & 0xFF
+            term = f"({term} and {_flag_test(mask, flags.must_set & 0xFF, v4, v6)})"
+        terms.append(term)
     if not terms:
         return None
     return f"{_dst_expression(addrs)} and {_or(terms)}"

@@ -169,14 +169,18 @@ class SourceBound:
     def __bool__(self) -> bool:
         return bool(self.doors)
 
-    def steps(self) -> list[tuple[str, int, TcpFlags | None]]:
-        """Every (proto, port, flags) the kernel filter must pass for these doors: their whole ranges."""
+    def ranges(self) -> list[tuple[str, int, int, TcpFlags | None]]:
+        """What the kernel filter must pass for these doors: their whole port ranges, as (proto, lo, hi, flags).
+
+        Excluded ports inside a range pass too (one ``portrange`` term is far
+        cheaper than thousands of ports); the matcher never uses them.
+        """
         out = []
         for d in self.doors:
             for ring in d.rings:
                 p = ring.params
                 for proto in (("tcp", "udp") if p.proto == "mixed" else (p.proto,)):
-                    out += [(proto, port, d.tcpflags) for port in range(p.lo, p.hi + 1) if port not in p.exclude]
+                    out.append((proto, p.lo, p.hi, d.tcpflags))
         return out
 
     def rotate(self, now: float) -> None:

@@ -436,3 +436,15 @@ def test_attach_filter_refuses_bad_programs():
             attach_filter(rx, [(0x15, 5, 5, 1), (0x06, 0, 0, 0)])  # jumps out of the program: EINVAL
         with pytest.raises(FilterError):
             attach_filter(rx, DROP_ALL * (BPF_MAXINSNS + 1))
+
+
+def test_whole_ranges_are_one_portrange_term_each_with_their_flag_test():
+    from spa.knock import SYN, ACK, TcpFlags
+
+    expr = knock_filter([ipaddress.ip_address("192.0.2.1")], [("udp", 62201, None)],
+                        [("tcp", 10000, 65000, TcpFlags(SYN, ACK)), ("udp", 20000, 20100, None)])
+    assert expr == ("dst host 192.0.2.1 and (udp dst port 62201 or "
+                    "(tcp dst portrange 10000-65000 and (ip and (tcp[13] & 0x12) = 0x02)) or "
+                    "udp dst portrange 20000-20100)")
+    assert knock_filter([ipaddress.ip_address("192.0.2.1")], [], [("tcp", 1, 5, None)]) == \
+        "dst host 192.0.2.1 and tcp dst portrange 1-5"

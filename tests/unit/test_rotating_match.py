@@ -128,7 +128,7 @@ def test_source_bound_doors_derive_per_source_and_stay_bounded():
         bound.feed(Knock(src, DST, "tcp", 1234, PARAMS.lo + n, 0x02, n, 10.0), t)
     assert len(bound._sources) <= 8 and bound.evictions > 0
     assert all(lo == PARAMS.lo and hi == PARAMS.hi for lo, hi in bound._ranges["tcp"])
-    assert len(bound.steps()) == PARAMS.hi - PARAMS.lo + 1
+    assert bound.ranges() == [("tcp", PARAMS.lo, PARAMS.hi, None)]
 
 
 def test_source_bound_ignores_sources_no_grant_can_go_to():
