@@ -36,7 +36,6 @@ Results are printed and written to ``docs/benchmarks.md`` between the
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import random
 import statistics
@@ -51,7 +50,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 from bench.grant_latency import markdown_table, text_table  # noqa: E402
 from bench.knocklab import (  # noqa: E402
     unwind_on_sigterm,
-    DEFAULT_OUTPUT, Daemon, Knocker, KnockLab, client_for, door_text, machine, ms, parse_sequence, percentile,
+    DEFAULT_OUTPUT, Daemon, Knocker, KnockLab, door_text, knock_sample, machine, ms, parse_sequence, percentile,
     utc_now, write_section,
 )
 
@@ -112,24 +111,16 @@ def run_row(spec: RowSpec, samples: int, log, interval: float = ATTEMPT_INTERVAL
         try:
             knocker = Knocker(lab)
             for i, source in enumerate(kl.sources):
-                prepared = knocker.prepare(source, steps)
-                client = client_for(lab, source, POOL)
-                if client.connect_once(0.02) is not None:
-                    raise RuntimeError(f"tcp/22 answers {source} before any knock: the default deny is not filtering")
-                client.fill(POOL)
-                gc.collect()
-                time.sleep(rng.uniform(0.05, 0.15))
-                t_first = time.perf_counter()
-                t0 = knocker.fire(prepared)
-                t1, attempts = client.until_open(t0, SAMPLE_LIMIT, interval)
-                knocker.close(prepared)
+                lat, attempts, span, client = knock_sample(lab, knocker, source, steps, rng, limit=SAMPLE_LIMIT,
+                                                           interval=interval, pool=POOL)
+                t1 = lat
                 if i >= WARMUP:
                     if t1 is None:
                         res.failures += 1
                     else:
-                        res.latencies.append(t1 - t0)
+                        res.latencies.append(lat)
                         res.attempts.append(attempts)
-                        res.spans.append(t0 - t_first)
+                        res.spans.append(span)
                     res.late_sockets += client.late
                     if (i - WARMUP + 1) % 10 == 0:
                         log(f"  {spec.name}: {i - WARMUP + 1}/{samples}")

@@ -45,7 +45,8 @@ MAX_EXTRA = 240
 
 __all__ = ["KNOCKD_START", "KNOCKD_STOP", "KnockLab", "Daemon", "Knocker", "door_text", "client_for", "percentile",
            "machine", "write_section", "ms", "utc_now", "parse_sequence", "Prober", "code_id",
-           "load_average"]
+           "load_average", "rotating_door_text", "make_shared_key", "schedstat_ns",
+           "add_output_args", "log", "need_root"]
 
 
 def ms(x: float | None, digits: int = 2) -> str:
@@ -102,6 +103,25 @@ def machine() -> dict[str, str]:
     return info
 
 
+def add_output_args(ap) -> None:
+    """The ``--output`` and ``--no-write`` options every benchmark that writes a section takes."""
+    ap.add_argument("--output", default=str(DEFAULT_OUTPUT), help="markdown file to update (default docs/benchmarks.md)")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+
+
+def log(msg: str) -> None:
+    """Progress, on stderr (stdout carries the results)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def need_root(prog: str, why: str = "network namespaces and firewalls") -> bool:
+    """False (and a message) when not root."""
+    if os.geteuid() != 0:
+        print(f"{prog}: needs root ({why})", file=sys.stderr)
+        return False
+    return True
+
+
 def unwind_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit so every ``finally`` runs: daemons stopped, labs (namespaces, processes) removed."""
 
@@ -147,6 +167,38 @@ def door_text(name: str, sequence: str, action: str, *, seq_timeout: int = 5, tc
         raise ValueError(action)
     lines.append(f"    cmd_timeout   = {cmd_timeout}")
     return "\n".join(lines) + "\n"
+
+
+def rotating_door_text(name: str, key_paths: str | list[str], *, seq_timeout: int = 5, tcpflags: str | None = "syn",
+                       cmd_timeout: int = 60) -> str:
+    """One rotating door (``rotating_key = PATH[, PATH...]``) with ``open = 22/tcp``, as tests/netns/test_rotating.py."""
+    paths = [key_paths] if isinstance(key_paths, str) else list(key_paths)
+    lines = [f"[{name}]", f"    rotating_key  = {', '.join(str(x) for x in paths)}", f"    seq_timeout   = {seq_timeout}"]
+    if tcpflags:
+        lines.append(f"    tcpflags      = {tcpflags}")
+    lines += [f"    open          = {PORT}/tcp", f"    cmd_timeout   = {cmd_timeout}"]
+    return "\n".join(lines) + "\n"
+
+
+def make_shared_key(path: Path, *, interval: int = 30, length: int = 4, lo: int = 20000, hi: int = 29999):
+    """A shared key (``spa.keys.shared.generate``) written to ``path``; tcp knocks, the SPA port excluded."""
+    from spa import rotating
+    from spa.keys import shared
+
+    key = shared.generate(rotating.Params(interval=interval, length=length, lo=lo, hi=hi, proto="tcp",
+                                          exclude=frozenset({62201})))
+    shared.write(str(path), key)
+    return key
+
+
+def schedstat_ns(pid: int) -> int:
+    """CPU time of every thread of ``pid`` in nanoseconds (``/proc/PID/task/*/schedstat``: ns resolution,
+    unlike the clock ticks of ``/proc/PID/stat``); threads that exited are not counted."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total
 
 
 # -- the lab -----------------------------------------------------------------------------
@@ -478,3 +530,32 @@ class Prober:
 
 def client_for(lab: Lab, source: str, pool: int = 120) -> Prober:
     return Prober(lab, source, pool)
+
+
+def knock_sample(lab: Lab, knocker: Knocker, source: str, steps: list[tuple[str, int]], rng, *, limit: float,
+                 interval: float, pool: int) -> tuple[float | None, int, float, Prober]:
+    """One knock-latency sample (the method of ``bench/knock_latency.py``): sockets made beforehand, a random
+    50–150 ms pause, the knocks, then a connect every ``interval`` until one completes.
+
+    Returns (latency or None, connect attempts, seconds the knocks took to send, the prober: the caller
+    closes it, and may use it for a baseline connect first).
+    """
+    import gc
+
+    prepared = knocker.prepare(source, steps)
+    client = client_for(lab, source, pool)
+    try:
+        if client.connect_once(0.02) is not None:
+            raise RuntimeError(f"tcp/22 answers {source} before any knock: the default deny is not filtering")
+        client.fill(pool)
+        gc.collect()
+        time.sleep(rng.uniform(0.05, 0.15))
+        t_first = time.perf_counter()
+        t0 = knocker.fire(prepared)
+        t1, attempts = client.until_open(t0, limit, interval)
+    except BaseException:
+        client.close()
+        raise
+    finally:
+        knocker.close(prepared)
+    return (None if t1 is None else t1 - t0), attempts, t0 - t_first, client
