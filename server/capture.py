@@ -136,6 +136,7 @@ class Capture:
         self._rcvbuf = rcvbuf
         self._snaplen = snaplen
         self._drop_otherhost = drop_otherhost
+        self._probe: socket.socket | None = None
         # A program the kernel rejects is a configuration error: raise FilterError now, not on every reopen.
         self._insns: list[Insn] = self._checked(filter)
         self._ifaces = {name: _Iface(name) for name in names}
@@ -153,8 +154,12 @@ class Capture:
     def _checked(self, insns: Sequence[Insn]) -> list[Insn]:
         """The program as attached (guarded), after the kernel accepted it on a socket that receives nothing."""
         program = guard(insns) if self._drop_otherhost else list(insns)
-        with socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0) as probe:
-            attach_filter(probe, program)  # protocol 0, unbound: no packet ever reaches it
+        if self._probe is None:
+            # Kept open: closing a packet socket waits for an RCU grace period
+            # (about 10 ms here), which a filter swap at every rotating window
+            # boundary would otherwise pay on the capture loop.
+            self._probe = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0)
+        attach_filter(self._probe, program)  # protocol 0, unbound: no packet ever reaches it
         return program
 
     def set_filter(self, insns: Sequence[Insn]) -> None:
@@ -357,6 +362,9 @@ class Capture:
             return
         for iface in self._ifaces.values():
             self._close_iface(iface, "closed")
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
         self._closed = True
 
     def __enter__(self) -> Capture:

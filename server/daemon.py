@@ -30,7 +30,7 @@ from spa.packet import parse_ip, udp_payload
 from spa.replay import ReplayCache
 from spa import rotating_match
 from spa.rotating_match import RotatingDoor, SourceBound
-from spa.filter import knock_filter
+from spa.filter import MAX_PRECISE_PORTS, coarse_ranges, knock_filter
 from spa.server import netlink
 from spa.server.bpf import DROP_ALL, FilterError, compile_filter
 from spa.server.capture import ANY, Capture
@@ -237,17 +237,32 @@ class Daemon:
                 steps.add((s.proto, s.port, d.tcpflags))
         if self.spa_port is not None:
             steps.add(("udp", self.spa_port, None))
-        expr = knock_filter(local | targets, steps, self.bound.ranges())
-        if expr != self.filter_expression:
-            try:
-                insns = compile_filter(expr) if expr is not None else DROP_ALL
-                assert self.capture is not None
-                self.capture.set_filter(insns)
-            except FilterError as exc:
-                log.error("cannot install the capture filter (%s); keeping the previous one", exc)
-                return
-            log.debug("capture filter: %s", expr)
-            self.filter_expression = expr
+        dests = local | targets
+        ranges = self.bound.ranges()
+        if len({(p, n) for p, n, _ in steps}) > MAX_PRECISE_PORTS:
+            # Many rotating doors: a port-by-port filter would compile slowly on
+            # this loop at every window boundary, and past 4096 instructions the
+            # kernel refuses it. A few ranges pass a few more packets; the
+            # matcher still decides.
+            expr = knock_filter(dests, (), [*coarse_ranges(steps), *ranges])
+        else:
+            expr = knock_filter(dests, steps, ranges)
+        if expr == self.filter_expression:
+            return
+        try:
+            insns = compile_filter(expr) if expr is not None else DROP_ALL
+        except FilterError as exc:
+            coarse = knock_filter(dests, (), [*coarse_ranges(steps, 2), *ranges])
+            log.warning("capture filter too large (%s); passing port ranges instead", exc)
+            expr, insns = coarse, compile_filter(coarse) if coarse is not None else DROP_ALL
+        try:
+            assert self.capture is not None
+            self.capture.set_filter(insns)
+        except FilterError as exc:
+            log.error("cannot install the capture filter (%s); keeping the previous one", exc)
+            return
+        log.debug("capture filter: %s", expr)
+        self.filter_expression = expr
 
     def _sync_sockets(self) -> None:
         assert self.capture is not None
@@ -459,7 +474,8 @@ class Daemon:
         self.replay.add(token, until)  # burned now: a copy completing a moment later is refused
         grant = door_grant(door, e.source, via=f"rotating key {c.key_id}, window {c.counter}")
         if grant is not None:
-            self.manager.submit(grant, (token, until))
+            # Burned in memory already; on disk with the grant, right after the firewall opens.
+            self.manager.submit(grant, (token, until), nonce_first=False)
         else:
             self._io.submit(self.manager.journal.remember, [(token, until)])
         self.stats["opens"] += 1

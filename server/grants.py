@@ -7,9 +7,9 @@ periodically checks that the firewall still holds what we put there
 (fail2ban's check/repair), putting it back when someone flushed the ruleset.
 
 The journal is the truth about what is open. A command grant, and any grant
-that carries an SPA nonce or a used rotating sequence, is written there
-before the firewall is touched; a plain native grant (nft, iptables) right
-after, because the kernel holds its deadline anyway (see ``grant_many``). At
+that carries an SPA nonce, is written there before the firewall is touched;
+other native grants (nft, iptables) right after, because the kernel holds
+their deadline anyway (see ``grant_many``). At
 start-up ``reconcile()`` closes what is
 overdue and reschedules the rest, so after ``kill -9`` a grant stays open no
 longer than its deadline (nft and iptables: the kernel stops matching at the
@@ -67,6 +67,8 @@ class GrantManager:
         self._pending: collections.OrderedDict[tuple, Grant] = collections.OrderedDict()
         # SPA replay-cache entries of the pending grants: journaled with them.
         self._nonces: list[tuple[bytes, float]] = []
+        # Replay entries that may follow their grant to disk (used rotating sequences).
+        self._late: list[tuple[bytes, float]] = []
         # Nonces to make durable ahead of their grant (reserve()), and those already on disk.
         self._reserved: list[tuple[bytes, float]] = []
         self._durable: dict[bytes, float] = {}
@@ -141,15 +143,17 @@ class GrantManager:
             self._reserved.append((nonce, until))
             self._cond.notify()
 
-    def submit(self, grant: Grant, nonce: tuple[bytes, float] | None = None) -> None:
+    def submit(self, grant: Grant, nonce: tuple[bytes, float] | None = None, *, nonce_first: bool = True) -> None:
         """Queue a grant; returns at once (safe from the capture loop).
 
-        ``nonce`` is the SPA packet's replay-cache entry ``(nonce, until)``:
-        it is on disk before the grant reaches the firewall.
+        ``nonce`` is a replay-cache entry ``(nonce, until)``. With
+        ``nonce_first`` (SPA) it is on disk before the grant reaches the
+        firewall; without (a used rotating sequence, already refused in memory)
+        it is written with the grant right after the firewall opens.
         """
         with self._cond:
             if nonce is not None:
-                self._nonces.append(nonce)
+                (self._nonces if nonce_first else self._late).append(nonce)
             self._pending.pop(grant.key, None)
             self._pending[grant.key] = grant
             while len(self._pending) > MAX_PENDING:
@@ -187,7 +191,8 @@ class GrantManager:
             )
             return held
 
-    def grant_many(self, grants: list[Grant], nonces: list[tuple[bytes, float]] = ()) -> list[ActiveGrant]:
+    def grant_many(self, grants: list[Grant], nonces: list[tuple[bytes, float]] = (),
+                   late: list[tuple[bytes, float]] = ()) -> list[ActiveGrant]:
         """Open a batch: one journal commit and one firewall transaction for all native grants.
 
         Under a flood of completed knocks this is what keeps the queue short:
@@ -198,9 +203,9 @@ class GrantManager:
         held_all: list[ActiveGrant] = []
         with self._lock:
             native = [g for g in grants if g.commands is None and self.native is not None]
-            if nonces and len(native) < len(grants):
-                self.journal.remember(list(nonces))  # before any command runs
-                nonces = ()
+            if (nonces or late) and len(native) < len(grants):
+                self.journal.remember([*nonces, *late])  # before any command runs
+                nonces = late = ()
             native = []
             for g in grants:
                 if g.commands is None and self.native is not None:
@@ -216,16 +221,15 @@ class GrantManager:
                 entry = self.journal.get(g.door, g.address)
                 previous = entry.grant if entry is not None and not entry.closing else None
                 pairs.append((regrant(previous, g, now), previous))
-            # An SPA nonce or a burned rotating sequence must be on disk before
-            # the firewall opens (a replay after a crash must still fail), so
-            # such a batch is journaled first. A batch without one opens first
-            # and is journaled right after: the kernel holds each native
-            # grant's deadline itself, so a crash in between leaves an element
-            # that closes on time and is adopted at the next start, and the
-            # fsync no longer delays the opening.
+            # An SPA nonce must be on disk before the firewall opens (a replay
+            # after a crash must still fail), so such a batch is journaled
+            # first. Any other batch opens first and is journaled right after:
+            # the kernel holds each native grant's deadline itself, so a crash
+            # in between leaves an element that closes on time and is adopted
+            # at the next start, and the fsync no longer delays the opening.
             journal_first = bool(nonces)
             if journal_first:
-                self.journal.put_many([h for h, _ in pairs], self.native.name, list(nonces))
+                self.journal.put_many([h for h, _ in pairs], self.native.name, [*nonces, *late])
             try:
                 self.native.open_many(pairs)
             except FirewallError as exc:
@@ -241,7 +245,7 @@ class GrantManager:
                 return held_all
             if not journal_first:
                 try:
-                    self.journal.put_many([h for h, _ in pairs], self.native.name)
+                    self.journal.put_many([h for h, _ in pairs], self.native.name, list(late))
                 except sqlite3.Error as exc:
                     # Open already; the kernel still closes each one at its deadline.
                     log.error("journal write failed after opening %d grant(s): %s", len(pairs), exc)
@@ -423,9 +427,9 @@ class GrantManager:
                 self._pending.clear()
                 # Nonces already on disk (reserved ahead) need no journal-first commit.
                 nonces = [n for n in self._nonces if self._durable.pop(n[0], None) is None]
-                self._nonces = []
+                late, self._nonces, self._late = self._late, [], []
             try:
-                self.grant_many(batch, nonces)
+                self.grant_many(batch, nonces, late)
             except Exception:  # noqa: BLE001 - the journal or a bug; log and keep the worker alive
                 log.exception("opening a batch of %d grants failed", len(batch))
 

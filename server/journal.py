@@ -1,8 +1,8 @@
 """The grant journal: every grant on disk, with its deadline (and SPA replay-cache entries).
 
 SQLite in WAL mode with ``synchronous=FULL``: a grant is on disk before its
-firewall change (command, SPA and rotating grants) or right after it (plain
-knock grants, whose deadline the kernel holds anyway), so the next start can
+firewall change (command and SPA grants) or right after it (knock grants,
+classic or rotating, whose deadline the kernel holds anyway), so the next start can
 close it on time even after a power loss (fail2ban runs its database with
 ``synchronous=OFF``; we do not).
 One row per (door, address). A row whose ``closing`` flag is set is being

@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from spa.grant import Address
 from spa.knock import TcpFlags
 
-__all__ = ["knock_filter", "udp_port_filter", "port_expression"]
+__all__ = ["knock_filter", "udp_port_filter", "port_expression", "coarse_ranges", "MAX_PRECISE_PORTS"]
 
 # Contiguous runs at least this long become one `portrange`.
 _RANGE_MIN = 3
@@ -162,3 +162,41 @@ def udp_port_filter(destinations: Iterable[Address], port: int) -> str | None:
     if not addrs:
         return None
     return f"{_dst_expression(addrs)} and udp dst port {port}"
+
+
+#: Above this many distinct ports a precise filter grows past what libpcap
+#: compiles quickly and the kernel accepts (4096 instructions): ``coarse_ranges``
+#: summarizes the ports instead.
+MAX_PRECISE_PORTS = 200
+#: How many port ranges per protocol a summarized filter keeps.
+COARSE_RANGES = 8
+
+
+def coarse_ranges(
+    steps: Iterable[tuple[str, int, TcpFlags | None]],
+    max_ranges: int = COARSE_RANGES,
+) -> list[tuple[str, int, int, TcpFlags | None]]:
+    """Steps summarized as at most ``max_ranges`` port ranges per protocol, split at the widest gaps.
+
+    A superset of the steps: the kernel passes a few more packets, the
+    matcher still decides. TCP flag tests survive only where every TCP step
+    shares the same one.
+    """
+    ports: dict[str, set[int]] = {}
+    flags: set[TcpFlags | None] = set()
+    for proto, port, f in steps:
+        _check_port(proto, port)
+        ports.setdefault(proto, set()).add(port)
+        if proto == "tcp":
+            flags.add(f if f is not None and (f.must_set | f.must_clear) else None)
+    tcp_flags = next(iter(flags)) if len(flags) == 1 else None
+    out: list[tuple[str, int, int, TcpFlags | None]] = []
+    for proto in sorted(ports):
+        ordered = sorted(ports[proto])
+        gaps = sorted(range(1, len(ordered)), key=lambda i: ordered[i] - ordered[i - 1], reverse=True)
+        cuts = sorted(gaps[: max_ranges - 1])
+        start = 0
+        for cut in (*cuts, len(ordered)):
+            out.append((proto, ordered[start], ordered[cut - 1], tcp_flags if proto == "tcp" else None))
+            start = cut
+    return out

@@ -180,3 +180,27 @@ def test_a_door_binding_the_source_opens_only_for_the_address_it_was_derived_for
         assert not server.wait_log("OPEN SESAME", limit=0.5, count=3)
     finally:
         server.stop()
+
+
+def test_a_hundred_doors_with_two_keys_each_still_open(lab, tmp_path):
+    # 100 doors x 2 keys x 3 windows x 4 knocks (plus guard ports): a port-by-port kernel filter
+    # would pass 4096 instructions and be refused; the daemon summarizes the ports as ranges.
+    lab.default_deny("nft")
+    a = make_key(tmp_path / "a.key", lo=10000, hi=65000)
+    make_key(tmp_path / "b.key", lo=10000, hi=65000)
+    doors = "".join(f"""[d{i}]
+    rotating_key = a.key, b.key
+    seq_timeout = 5
+    tcpflags = syn
+    open = 22/tcp
+    cmd_timeout = {DURATION}
+""" for i in range(100))
+    server = Server(lab, tmp_path, config_text="[options]\n" + doors, extra=("-D",))
+    try:
+        assert server.wait_log("capture filter:")
+        assert "cannot install the capture filter" not in server.text()
+        knock_all(lab, sequence(a, "d57", time.time()))
+        assert lab.wait_for(True, SERVER_V4, limit=3) is not None
+        assert server.wait_log("d57: OPEN SESAME (rotating key")
+    finally:
+        server.stop()

@@ -448,3 +448,20 @@ def test_whole_ranges_are_one_portrange_term_each_with_their_flag_test():
                     "udp dst portrange 20000-20100)")
     assert knock_filter([ipaddress.ip_address("192.0.2.1")], [], [("tcp", 1, 5, None)]) == \
         "dst host 192.0.2.1 and tcp dst portrange 1-5"
+
+
+def test_coarse_ranges_cover_every_step_in_few_ranges_split_at_the_widest_gaps():
+    from spa.filter import coarse_ranges
+    from spa.knock import SYN, TcpFlags
+
+    rng = random.Random(7)
+    syn = TcpFlags(SYN)
+    steps = {("tcp", rng.randint(10000, 65000), syn) for _ in range(2400)} | {("udp", 62201, None), ("udp", 7, None)}
+    ranges = coarse_ranges(steps, 8)
+    assert len([r for r in ranges if r[0] == "tcp"]) <= 8
+    assert [r for r in ranges if r[0] == "udp"] == [("udp", 7, 7, None), ("udp", 62201, 62201, None)]
+    for proto, port, _ in steps:
+        assert any(p == proto and lo <= port <= hi for p, lo, hi, _ in ranges)
+    assert all(f == syn for p, _, _, f in ranges if p == "tcp")  # one shared flag test survives
+    mixed = coarse_ranges({("tcp", 1, syn), ("tcp", 2, None)}, 1)
+    assert mixed == [("tcp", 1, 2, None)]

@@ -88,3 +88,17 @@ def test_an_spa_grant_finds_its_nonce_on_disk_whether_reserved_ahead_or_not(tmp_
         assert b"B" * 24 in [bytes(n) for n, _ in nonces] and "spa" in doors  # journal-first, nonce included
     finally:
         mgr.stop()
+
+
+def test_a_used_rotating_sequence_follows_its_grant_to_disk(tmp_path):
+    mgr, backend = _manager(tmp_path)
+    mgr.start()
+    try:
+        until = time.time() + 60
+        g = Grant.create("rot", "192.0.2.2", "22/tcp", 30)
+        mgr.submit(g, (b"R" * 32, until), nonce_first=False)
+        assert _wait(lambda: [bytes(n) for n, _ in mgr.journal.replay_entries(0.0)] == [b"R" * 32])
+        assert backend.opens == [([], [])]  # the firewall opened before the journal held either
+        assert mgr.journal.get("rot", g.address) is not None
+    finally:
+        mgr.stop()
