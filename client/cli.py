@@ -86,10 +86,11 @@ def main(udp: bool, delay: int, verbose: bool, v4: bool, v6: bool, tcpflags: int
 
 
 def _keyed(key_path, host, door, server_key, allow_ip, spa_port, duration, family, delay, echo, bind_source) -> None:
-    from spa.keys import ed25519
-    from spa.keytext import PRIVATE_TYPE
+    # Only the file's type line is read here: the crypto libraries load for SPA only.
+    from spa.keys.secure import read_private
+    from spa.keytext import PRIVATE_TYPE, file_type
 
-    if ed25519.kind(key_path) == PRIVATE_TYPE:
+    if file_type(read_private(key_path)) == PRIVATE_TYPE:
         if bind_source is not None:
             raise click.UsageError("--bind-source is for rotating sequences (a shared key), not SPA")
         from spa.client.spa_send import send_spa

@@ -18,15 +18,29 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import hashlib
 import ipaddress
 from dataclasses import dataclass
 from typing import Union
 
 from spa.errors import KeyFileError
 from spa.grant import Address
-from spa.protocol import key_id
+
+#: Domain-separation label of the key id (docs/protocol.md).
+LABEL_KEY_ID = b"spa-knock/v1 key id"
 
 PUBLIC_TYPE = "spa-ed25519"
+
+
+def key_id(public: bytes) -> str:
+    """A key's short name in logs and files: 16 hex digits derived from its Ed25519 public key.
+
+    Here rather than in ``spa.protocol`` so that reading key files never
+    loads the crypto libraries (the client's start-up time).
+    """
+    if not isinstance(public, (bytes, bytearray)) or len(public) != 32:
+        raise ValueError("public key must be 32 bytes")
+    return hashlib.sha256(LABEL_KEY_ID + bytes(public)).hexdigest()[:16]
 PRIVATE_TYPE = "spa-ed25519-private"
 ROLES = ("client", "server")
 

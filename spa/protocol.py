@@ -28,7 +28,6 @@ Bytes in, checked at the boundary: each ``open_*``/``check_*`` step raises
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 import os
@@ -42,13 +41,16 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from spa.errors import PacketRejected
 from spa.grant import Address
+from spa import keytext
 
 VERSION = 1
 #: The hint changes every this many seconds.
 HINT_EPOCH = 30
 
 # Domain separation: one label per derived value, never reused.
-LABEL_KEY_ID = b"spa-knock/v1 key id"
+# The key id's label and function live in spa.keytext (read by clients that must not load the crypto libraries).
+LABEL_KEY_ID = keytext.LABEL_KEY_ID
+key_id = keytext.key_id
 LABEL_PAIR = b"spa-knock/v1 pair keys"
 LABEL_HINT = b"spa-knock/v1 key hint"
 LABEL_SIGN = b"spa-knock/v1 request signature"
@@ -68,12 +70,6 @@ PACKET_SIZE = HEADER_SIZE + BODY_SIZE + TAG_SIZE
 MAX_DURATION = 0xFFFFFFFF
 
 _EPOCH = struct.Struct("!Q")
-
-
-def key_id(public: bytes) -> str:
-    """A client's short name in logs and files: 16 hex digits derived from its public key."""
-    _check_len(public, 32, "public key")
-    return hashlib.sha256(LABEL_KEY_ID + public).hexdigest()[:16]
 
 
 def _check_len(value: bytes, n: int, what: str) -> None:
