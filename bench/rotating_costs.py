@@ -64,7 +64,7 @@ GOAL_SWAP_MS = 50.0  # one swap of 100×2 under 50 ms of CPU (a capture loop pau
 
 def swap_costs(sizes=SIZES, reps: int = 20, log=print) -> list[dict]:
     from spa import rotating
-    from spa.filter import knock_filter
+    from spa.filter import capture_expression
     from spa.keys import shared
     from spa.knock import TcpFlags
     from spa.matcher import Matcher
@@ -107,7 +107,7 @@ def swap_costs(sizes=SIZES, reps: int = 20, log=print) -> list[dict]:
                     for d in matcher.doors:
                         for s in (*d.sequence, *d.guards):
                             steps.add((s.proto, s.port, d.tcpflags))
-                    expr = knock_filter(local, steps)
+                    expr = capture_expression(local, steps)  # the daemon's choice: precise, or ranges past 200 ports
                     d_ = time.perf_counter()
                     try:
                         prog = compile_filter(expr)

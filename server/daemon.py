@@ -30,7 +30,7 @@ from spa.packet import parse_ip, udp_payload
 from spa.replay import ReplayCache
 from spa import rotating_match
 from spa.rotating_match import RotatingDoor, SourceBound
-from spa.filter import MAX_PRECISE_PORTS, coarse_ranges, knock_filter
+from spa.filter import capture_expression
 from spa.server import netlink
 from spa.server.bpf import DROP_ALL, FilterError, compile_filter
 from spa.server.capture import ANY, Capture
@@ -239,20 +239,13 @@ class Daemon:
             steps.add(("udp", self.spa_port, None))
         dests = local | targets
         ranges = self.bound.ranges()
-        if len({(p, n) for p, n, _ in steps}) > MAX_PRECISE_PORTS:
-            # Many rotating doors: a port-by-port filter would compile slowly on
-            # this loop at every window boundary, and past 4096 instructions the
-            # kernel refuses it. A few ranges pass a few more packets; the
-            # matcher still decides.
-            expr = knock_filter(dests, (), [*coarse_ranges(steps), *ranges])
-        else:
-            expr = knock_filter(dests, steps, ranges)
+        expr = capture_expression(dests, steps, ranges)
         if expr == self.filter_expression:
             return
         try:
             insns = compile_filter(expr) if expr is not None else DROP_ALL
         except FilterError as exc:
-            coarse = knock_filter(dests, (), [*coarse_ranges(steps, 2), *ranges])
+            coarse = capture_expression(dests, steps, ranges, coarse=2)
             log.warning("capture filter too large (%s); passing port ranges instead", exc)
             expr, insns = coarse, compile_filter(coarse) if coarse is not None else DROP_ALL
         try:

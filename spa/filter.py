@@ -32,7 +32,8 @@ from collections.abc import Iterable
 from spa.grant import Address
 from spa.knock import TcpFlags
 
-__all__ = ["knock_filter", "udp_port_filter", "port_expression", "coarse_ranges", "MAX_PRECISE_PORTS"]
+__all__ = ["knock_filter", "udp_port_filter", "port_expression", "coarse_ranges", "capture_expression",
+           "MAX_PRECISE_PORTS"]
 
 # Contiguous runs at least this long become one `portrange`.
 _RANGE_MIN = 3
@@ -200,3 +201,26 @@ def coarse_ranges(
             out.append((proto, ordered[start], ordered[cut - 1], tcp_flags if proto == "tcp" else None))
             start = cut
     return out
+
+
+def capture_expression(
+    destinations: Iterable[Address],
+    steps: Iterable[tuple[str, int, TcpFlags | None]],
+    ranges: Iterable[tuple[str, int, int, TcpFlags | None]] = (),
+    coarse: int | None = None,
+) -> str | None:
+    """The daemon's filter: precise port by port, or, past ``MAX_PRECISE_PORTS`` ports, a few ranges.
+
+    Many rotating doors make thousands of ports: a port-by-port filter then
+    compiles slowly (on the capture loop, at every window boundary) and past
+    4096 instructions the kernel refuses it. The ranges pass a few more
+    packets; the matcher still decides. ``coarse`` forces ranges (that many
+    per protocol), for a filter that still does not fit.
+    """
+    steps = set(steps)
+    ranges = list(ranges)
+    if coarse is None and len({(p, n) for p, n, _ in steps}) > MAX_PRECISE_PORTS:
+        coarse = COARSE_RANGES
+    if coarse is not None:
+        return knock_filter(destinations, (), [*coarse_ranges(steps, coarse), *ranges])
+    return knock_filter(destinations, steps, ranges)
