@@ -139,7 +139,8 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
     return out
 
 
-def render(rows: list[Row], info: dict[str, str], samples: int, doors: int, when: str, elapsed: float) -> str:
+def render(rows: list[Row], info: dict[str, str], samples: int, doors: int, when: str, elapsed: float,
+           interval: float = ATTEMPT_INTERVAL) -> str:
     by = {r.name: r for r in rows}
     rot = by.get("rotating")
     if rot is not None and rot.latencies:
@@ -156,13 +157,12 @@ def render(rows: list[Row], info: dict[str, str], samples: int, doors: int, when
         found.append(f"- **Rotating vs classic**: {a:.2f} ms against {b:.2f} ms median in the same run"
                      f" ({a - b:+.2f} ms). Both go through the grant worker to an nft set element; a rotating"
                      " grant also carries the sequence's used-once token (a replay-cache lookup and insert in the"
-                     " capture loop), and the worker writes the journal (`synchronous=FULL`: an fsync) before it"
-                     " opens, so the token is on disk first; a plain static grant opens first and is journaled"
-                     " right after. A slow fsync therefore delays a rotating open, not a static one.")
+                     " capture loop, burned in memory at once); both open first and are journaled right after, the"
+                     " token with the grant.")
     if rot is not None and rot.latencies and statistics.median(rot.attempts) > 1:
-        found.append(f"- **Resolution**: connects go out every {ATTEMPT_INTERVAL * 1e3:g} ms; the median sample got"
+        found.append(f"- **Resolution**: connects go out every {interval * 1e3:g} ms; the median sample got"
                      f" through on attempt {statistics.median(rot.attempts):g}, so each sample is rounded up by up to"
-                     f" {ATTEMPT_INTERVAL * 1e3:g} ms.")
+                     f" {interval * 1e3:g} ms.")
     if rot is not None and rot.boundary_samples:
         found.append(f"- {rot.boundary_samples} sample(s) straddled a window boundary (the server swapped its"
                      " candidates and filter meanwhile); they are counted like the others.")
@@ -177,7 +177,7 @@ def render(rows: list[Row], info: dict[str, str], samples: int, doors: int, when
         "",
         "**Method.** As *Knock latency* (`bench.knocklab.knock_sample`: iptables-nft default deny, a service on",
         "tcp/22, sockets made beforehand, a random 50–150 ms pause, the knocks as `knock` sends them, then a",
-        f"connect every {ATTEMPT_INTERVAL * 1e3:g} ms from the same source until one completes). Each (door, key,",
+        f"connect every {interval * 1e3:g} ms from the same source until one completes). Each (door, key,",
         f"window) sequence opens only once, so the server has {doors} rotating doors (`rot0`, `rot1`, ...) sharing",
         f"one shared key ({INTERVAL} s windows, 4 TCP knocks drawn from 20000–29999, `tcpflags = syn`,",
         "`open = 22/tcp`), and sample *i* knocks door `rot<i>` from a fresh client address, with",
@@ -200,7 +200,7 @@ def render(rows: list[Row], info: dict[str, str], samples: int, doors: int, when
         "",
         "```",
         "sudo python -m bench.rotating_latency",
-        "sudo python -m bench.rotating_latency --samples 30 --no-classic",
+        "sudo python -m bench.rotating_latency --samples 30 --no-classic --interval 0.25",
         "```",
         END_MARK,
     ]
@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=40, help="samples per row (default 40)")
     ap.add_argument("--doors", type=int, default=0, help="rotating doors on the server (default samples + 2)")
     ap.add_argument("--no-classic", action="store_true", help="skip the classic side-by-side row")
+    ap.add_argument("--interval", type=float, default=ATTEMPT_INTERVAL * 1e3, help="ms between connect attempts (default 1)")
     add_output_args(ap)
     args = ap.parse_args(argv)
     if not need_root("rotating_latency"):
@@ -225,9 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     when = utc_now()
     start = time.perf_counter()
     rows = []
-    jobs = [("rotating", lambda: run_rotating(args.samples, doors, log))]
+    step = args.interval / 1e3
+    jobs = [("rotating", lambda: run_rotating(args.samples, doors, log, step))]
     if not args.no_classic:
-        jobs.append(("classic", lambda: run_classic(args.samples, log)))
+        jobs.append(("classic", lambda: run_classic(args.samples, log, step)))
     for name, job in jobs:
         log(f"{name}: {args.samples} samples")
         try:
@@ -243,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {r.name}: {r.error}")
     if not args.no_write:
         out = Path(args.output)
-        write_section(out, START_MARK, END_MARK, render(rows, info, args.samples, doors, when, elapsed))
+        write_section(out, START_MARK, END_MARK, render(rows, info, args.samples, doors, when, elapsed, step))
         print(f"\nwrote {out}")
     return 0 if all(not r.error for r in rows) else 1
 
