@@ -9,9 +9,8 @@ periodically checks that the firewall still holds what we put there
 The journal is the truth about what is open. A command grant, and any grant
 that carries an SPA nonce, is written there before the firewall is touched;
 other native grants (nft, iptables) right after, because the kernel holds
-their deadline anyway (see ``grant_many``). At
-start-up ``reconcile()`` closes what is
-overdue and reschedules the rest, so after ``kill -9`` a grant stays open no
+their deadline anyway (see ``grant_many``). At start-up ``reconcile()``
+closes what is overdue and reschedules the rest, so after ``kill -9`` a grant stays open no
 longer than its deadline (nft and iptables: the kernel stops matching at the
 deadline) or until the next start (command backend).
 """
@@ -240,6 +239,8 @@ class GrantManager:
                             self.journal.put(prev, self.native.name)
                         else:
                             self.journal.delete(h.door, h.address)
+                elif late:
+                    self.journal.remember(list(late))  # the sequences stay used, whatever the firewall said
                 for g in native:
                     held_all += self._grant_logged(g)
                 return held_all
