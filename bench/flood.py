@@ -60,7 +60,6 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import random
 import re
 import signal
@@ -78,9 +77,8 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 from bench import capture_cost  # noqa: E402
 from bench.grant_latency import markdown_table, text_table  # noqa: E402
 from bench.knocklab import (  # noqa: E402
-    unwind_on_sigterm,
-    DEFAULT_OUTPUT, REPO, Daemon, Knocker, KnockLab, client_for, door_text, machine, parse_sequence, utc_now,
-    write_section,
+    Daemon, KnockLab, Knocker, REPO, add_output_args, client_for, door_text, log, machine, need_root,
+    parse_sequence, unwind_on_sigterm, utc_now, write_section,
 )
 
 START_MARK = "<!-- knock-flood:start -->"
@@ -775,20 +773,15 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma list of {', '.join(DAEMONS)} for every row (default: spa and knockd everywhere, and"
                          " spa-command on the spoofed sequence-port and first-port rows unless --quick)")
     ap.add_argument("--only", default="", help="flood kinds to run: none,random,seq,first,memory (default all)")
-    ap.add_argument("--output", default=str(DEFAULT_OUTPUT), help="markdown file to update (default docs/benchmarks.md)")
-    ap.add_argument("--no-write", action="store_true", help="print only")
+    add_output_args(ap)
     args = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        print("flood: needs root (network namespaces, firewalls, raw sockets)", file=sys.stderr)
+    if not need_root("flood", "network namespaces, firewalls, raw sockets"):
         return 2
     daemons = [d.strip() for d in args.daemons.split(",") if d.strip()]
     bad = [d for d in daemons if d not in DAEMONS]
     if bad:
         ap.error(f"unknown daemon(s) {', '.join(bad)}")
     only = {k.strip() for k in args.only.split(",") if k.strip()}
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
 
     unwind_on_sigterm()
 

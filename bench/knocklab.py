@@ -109,6 +109,20 @@ def add_output_args(ap) -> None:
     ap.add_argument("--no-write", action="store_true", help="print only")
 
 
+def add_only_arg(ap, names) -> None:
+    """``--only NAME[,NAME]`` (repeatable) choosing some of a benchmark's rows."""
+    ap.add_argument("--only", action="append", default=[], help=f"rows: {', '.join(names)}")
+
+
+def rows_wanted(ap, only: list[str], names) -> list[str]:
+    """The row names given with ``--only`` (empty: all); an unknown one is a usage error."""
+    wanted = [n.strip() for item in only for n in item.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in names]
+    if unknown:
+        ap.error(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+    return wanted
+
+
 def log(msg: str) -> None:
     """Progress, on stderr (stdout carries the results)."""
     print(msg, file=sys.stderr, flush=True)

@@ -45,7 +45,6 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import random
 import re
 import signal
@@ -62,8 +61,8 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 from bench.flooder import write_payloads  # noqa: E402
 from bench.grant_latency import markdown_table, text_table  # noqa: E402
 from bench.knocklab import (  # noqa: E402
-    DEFAULT_OUTPUT, REPO, Daemon, KnockLab, client_for, load_average, machine, unwind_on_sigterm, utc_now,
-    write_section,
+    Daemon, KnockLab, REPO, add_output_args, client_for, load_average, log, machine, need_root, unwind_on_sigterm,
+    utc_now, write_section,
 )
 from bench.spalab import SPA_PORT, Fwknopd, FwknopKeys, SpaKeys, UdpSender, fwknop_version, scratch_dir  # noqa: E402
 from spa import protocol  # noqa: E402
@@ -564,11 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--packets", type=int, default=PACKETS, help=f"legitimate packets per row (default {PACKETS})")
     ap.add_argument("--only", default="", help=f"flood kinds: {','.join(KINDS)} (default all)")
     ap.add_argument("--daemons", default="", help=f"{','.join(DAEMONS)} (default all that are installed)")
-    ap.add_argument("--output", default=str(DEFAULT_OUTPUT), help="markdown file to update (default docs/benchmarks.md)")
-    ap.add_argument("--no-write", action="store_true", help="print only")
+    add_output_args(ap)
     args = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        print("spa_flood: needs root (network namespaces, firewalls, raw sockets)", file=sys.stderr)
+    if not need_root("spa_flood", "network namespaces, firewalls, raw sockets"):
         return 2
     if not 1 <= args.packets <= 200:
         ap.error("--packets must be 1..200")
@@ -578,9 +575,6 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown: {', '.join(sorted(bad))}")
     fw_version = fwknop_version()
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
 
     unwind_on_sigterm()
     info = machine()

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import random
 import statistics
 import sys
@@ -55,8 +54,8 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 from bench.grant_latency import markdown_table, text_table  # noqa: E402
 from bench.knocklab import (  # noqa: E402
-    DEFAULT_OUTPUT, Daemon, KnockLab, client_for, load_average, machine, ms, percentile, unwind_on_sigterm, utc_now,
-    write_section,
+    Daemon, KnockLab, add_only_arg, add_output_args, client_for, load_average, log, machine, ms, need_root,
+    percentile, rows_wanted, unwind_on_sigterm, utc_now, write_section,
 )
 from bench.spalab import Fwknopd, FwknopKeys, SpaKeys, UdpSender, fwknop_version, scratch_dir  # noqa: E402
 
@@ -322,26 +321,18 @@ def render_section(results: list[RowResult], info: dict[str, str], samples: int,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.spa_latency", description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=30, help="samples per row (default 30)")
-    ap.add_argument("--output", default=str(DEFAULT_OUTPUT), help="markdown file to update (default docs/benchmarks.md)")
-    ap.add_argument("--no-write", action="store_true", help="print only")
-    ap.add_argument("--only", action="append", default=[], help=f"rows: {', '.join(ROW_NAMES)}")
+    add_output_args(ap)
+    add_only_arg(ap, ROW_NAMES)
     ap.add_argument("--interval", type=float, default=ATTEMPT_INTERVAL * 1e3,
                     help="ms between connect attempts (default 1)")
     args = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        print("spa_latency: needs root (network namespaces and firewalls)", file=sys.stderr)
+    if not need_root("spa_latency"):
         return 2
     if not 1 <= args.samples <= 230:
         ap.error("--samples must be 1..230 (one fresh client address per sample)")
-    wanted = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
-    unknown = [n for n in wanted if n not in ROW_NAMES]
-    if unknown:
-        ap.error(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROW_NAMES)}")
+    wanted = rows_wanted(ap, args.only, ROW_NAMES)
     fw_version = fwknop_version()
     specs = [r for r in ROWS if (not wanted or r.name in wanted) and (r.kind != "fwknopd" or fw_version)]
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
 
     unwind_on_sigterm()
     info = machine()
