@@ -39,7 +39,7 @@ from spa.server.logs import Names, Throttle, events
 from spa.server.onetime import OneTimeSequences
 from spa.server.sdnotify import Notifier
 from spa.server.rotating_keys import load_rotating
-from spa.server.spa_receiver import SpaReceiver, load_verifier
+from spa.server.spa_receiver import SpaReceiver, load_authorized, load_verifier
 
 log = logging.getLogger("spa.server")
 
@@ -83,6 +83,8 @@ class Runtime:
     verifier: Verifier | None = None
     #: Doors with rotating sequences, their shared keys loaded.
     rotating: tuple[RotatingDoor, ...] = ()
+    #: SPA doors' authorized_keys: door -> (path, keys).
+    authorized: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str) -> Runtime:
@@ -91,7 +93,9 @@ class Runtime:
         for d in config.doors:
             if d.one_time_sequences is not None:
                 onetime[d.name] = OneTimeSequences(config.resolve(d.one_time_sequences))
-        return cls(config, {d.name: d for d in config.doors}, onetime, load_verifier(config), load_rotating(config))
+        authorized = load_authorized(config)
+        return cls(config, {d.name: d for d in config.doors}, onetime, load_verifier(config, authorized),
+                   load_rotating(config), authorized)
 
     def match_doors(self, now: float | None = None) -> list[MatchDoor]:
         """The classic doors, and the rotating candidates in force at ``now``."""
@@ -112,12 +116,11 @@ class Runtime:
     def warnings(self) -> list[str]:
         """What ``spa check-config`` warns about, and doors whose one-time sequences are all used."""
         from spa.checks import check, check_keys
-        from spa.server.spa_receiver import load_authorized
         from spa.server.listening import listening_ports
 
         out = list(self.config.warnings)
         out += [f"{f.path}:{f.line}: {f.message}" for f in check(self.config, listening_ports())]
-        out += [f"{f.path}:{f.line}: {f.message}" for f in check_keys(self.config, self.rotating, load_authorized(self.config))]
+        out += [f"{f.path}:{f.line}: {f.message}" for f in check_keys(self.config, self.rotating, self.authorized)]
         for name, otp in self.onetime.items():
             if otp.current is None:
                 out.append(f"{otp.path}: every one-time sequence of door {name} is used; the door is disabled")

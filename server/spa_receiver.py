@@ -41,9 +41,13 @@ def load_authorized(config: Config) -> dict[str, tuple[str, list[AuthorizedKey]]
     return out
 
 
-def load_verifier(config: Config) -> Verifier | None:
-    """The verifier for the config's SPA doors, or None when no door accepts SPA."""
-    authorized = load_authorized(config)
+def load_verifier(config: Config, authorized: dict[str, tuple[str, list[AuthorizedKey]]] | None = None) -> Verifier | None:
+    """The verifier for the config's SPA doors, or None when no door accepts SPA.
+
+    ``authorized`` is ``load_authorized(config)`` when the caller has it already.
+    """
+    if authorized is None:
+        authorized = load_authorized(config)
     if not authorized:
         return None
     assert config.options.server_key is not None  # the parser requires it

@@ -200,9 +200,9 @@ def check_config(path: str) -> None:
     try:
         config = load_config(path)
         # Key files too: a missing, unsafe or malformed one stops the server as surely as a bad line.
-        load_verifier(config)
-        rotating = load_rotating(config)
         authorized = load_authorized(config)
+        load_verifier(config, authorized)
+        rotating = load_rotating(config)
     except (ConfigError, KeyFileError) as exc:
         for e in getattr(exc, "errors", None) or [exc]:
             where = f"{e.path}:{e.line}" if e.line is not None else f"{e.path or path}"
