@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import os
 import socket
 import struct
 import time
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 
 from spa.server import netlink
 from spa.server.bpf import DROP_ALL, FilterError, Insn, attach_filter
+from spa.server.ring import DEFAULT_RING_BYTES, Ring
 
 log = logging.getLogger("spa.server.capture")
 
@@ -47,7 +49,6 @@ ANY = "any"
 
 SOL_PACKET = 263
 PACKET_STATISTICS = 6
-SO_RCVBUFFORCE = 33
 _TPACKET_STATS = struct.Struct("=II")  # tp_packets (includes drops), tp_drops
 _SOCKADDR_LL = struct.Struct("=HHiHBB8s")  # family, protocol (network order), ifindex, hatype, pkttype, halen, addr
 IFNAMSIZ = 16
@@ -70,8 +71,7 @@ _BPF_MAXINSNS = 4096
 #: recv errors that mean the interface went away (down, deleted, moved to another namespace).
 DOWN_ERRNOS = frozenset({errno.ENETDOWN, errno.ENXIO, errno.ENODEV, errno.ENETUNREACH, errno.EIO})
 
-DEFAULT_RCVBUF = 4 << 20
-DEFAULT_SNAPLEN = 65535
+_SO_ERROR = socket.SO_ERROR
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.bind.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
@@ -116,8 +116,7 @@ class Capture:
         ipv6: bool = True,
         *,
         filter: Sequence[Insn] = DROP_ALL,
-        rcvbuf: int = DEFAULT_RCVBUF,
-        snaplen: int = DEFAULT_SNAPLEN,
+        ring_bytes: int = DEFAULT_RING_BYTES,
         drop_otherhost: bool = True,
     ) -> None:
         names: list[str] = []
@@ -133,15 +132,14 @@ class Capture:
             log.info("'any' covers every interface; not opening %s separately", ", ".join(n for n in names if n != ANY))
             names = [ANY]
         self._protos = (ETH_P_IP, ETH_P_IPV6) if ipv6 else (ETH_P_IP,)
-        self._rcvbuf = rcvbuf
-        self._snaplen = snaplen
+        self._ring_bytes = ring_bytes
         self._drop_otherhost = drop_otherhost
         self._probe: socket.socket | None = None
         # A program the kernel rejects is a configuration error: raise FilterError now, not on every reopen.
         self._insns: list[Insn] = self._checked(filter)
         self._ifaces = {name: _Iface(name) for name in names}
-        # socket -> (interface, receive buffer, view of it)
-        self._by_sock: dict[socket.socket, tuple[_Iface, bytearray, memoryview]] = {}
+        # socket -> (interface, its receive ring)
+        self._by_sock: dict[socket.socket, tuple[_Iface, Ring]] = {}
         #: packets, bytes, read_errors, reopens, kernel_packets, kernel_drops
         self.stats: Counter[str] = Counter()
         #: Bumped whenever the set of open sockets changes.
@@ -188,37 +186,37 @@ class Capture:
         """Interface name to ``open``, ``down``, ``missing`` or ``error``."""
         return {name: iface.state for name, iface in self._ifaces.items()}
 
-    def _open_socket(self, ifindex: int, proto: int) -> socket.socket:
+    def _open_socket(self, ifindex: int, proto: int) -> tuple[socket.socket, Ring]:
         s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, 0)
+        ring = None
         try:
-            try:
-                s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self._rcvbuf)
-            except OSError:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._rcvbuf)
+            ring = Ring(s, self._ring_bytes)
             attach_filter(s, self._insns)
             _bind(s, ifindex, proto)  # only now does the socket receive, and only through the filter
         except BaseException:
+            if ring is not None:
+                ring.close()
             s.close()
             raise
-        return s
+        return s, ring
 
     def _open_iface(self, iface: _Iface, ifindex: int) -> bool:
-        socks: list[socket.socket] = []
+        opened: list[tuple[socket.socket, Ring]] = []
         try:
             for proto in self._protos:
-                socks.append(self._open_socket(ifindex, proto))
+                opened.append(self._open_socket(ifindex, proto))
         except (OSError, FilterError) as e:
-            for s in socks:
+            for s, ring in opened:
+                ring.close()
                 s.close()
             message = str(e)
             if iface.state != "error" or iface.last_error != message:
                 log.warning("interface %s: cannot capture: %s; will retry", iface.name, message)
             iface.state, iface.last_error = "error", message
             return False
-        iface.socks, iface.index = socks, ifindex
-        for s in socks:
-            buf = bytearray(self._snaplen)
-            self._by_sock[s] = (iface, buf, memoryview(buf))
+        iface.socks, iface.index = [s for s, _ in opened], ifindex
+        for s, ring in opened:
+            self._by_sock[s] = (iface, ring)
         if iface.ever_open:
             self.stats["reopens"] += 1
             log.warning("interface %s is back", iface.name)
@@ -231,7 +229,9 @@ class Capture:
     def _close_iface(self, iface: _Iface, state: str) -> None:
         for s in iface.socks:
             self._collect(s)
-            self._by_sock.pop(s, None)
+            entry = self._by_sock.pop(s, None)
+            if entry is not None:
+                entry[1].close()
             s.close()
         if iface.socks:
             self.version += 1
@@ -286,54 +286,44 @@ class Capture:
     # -- reading ---------------------------------------------------------------
 
     def read(
-        self, sock: socket.socket, now_fn: Callable[[], float] = time.monotonic, max_packets: int = 256
-    ) -> list[tuple[bytes, float]]:
-        """Up to ``max_packets`` packets queued on ``sock``, each ``(ip_packet, time)``; never raises.
+        self, sock: socket.socket, now_fn: Callable[[], float] = time.monotonic, max_packets: int = 1024
+    ) -> tuple[float, list[bytes]]:
+        """``(time, packets)``: up to ``max_packets`` packets from ``sock``'s ring; never raises.
 
         ``time`` is ``now_fn()`` once per batch. A socket error (the interface
-        went down or away) is logged once, what was still queued is read, and
-        the interface's sockets are closed until ``refresh()`` finds it up again
-        (tried once right away: it may be back already).
+        went down or away; the selector reports it as readable) is looked for
+        when the ring is empty: it is logged once and the interface's sockets
+        are closed until ``refresh()`` finds it up again (tried once right
+        away: it may be back already).
         """
+        now = now_fn()
         entry = self._by_sock.get(sock)
         if entry is None:
-            return []
-        iface, buf, view = entry
-        now = now_fn()
-        out: list[tuple[bytes, float]] = []
-        append = out.append
-        recv_into = sock.recv_into
-        nbytes = 0
-        failed: OSError | None = None
-        for _ in range(max_packets):
-            try:
-                n = recv_into(buf)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if failed is not None:
-                    break
-                # sk_err is reported once, before the queue: read what is left, then give up the socket.
-                failed = e
-                continue
-            nbytes += n
-            append((view[:n].tobytes(), now))
+            return now, []
+        iface, ring = entry
+        out = ring.read(max_packets)
         if out:
             self.stats["packets"] += len(out)
-            self.stats["bytes"] += nbytes
-        if failed is not None:
-            self.stats["read_errors"] += 1
-            if failed.errno in DOWN_ERRNOS:
-                log.warning("interface %s went down: %s; waiting for it", iface.name, failed)
-                state = "down"
-            else:
-                log.warning("interface %s: read error: %s; reopening", iface.name, failed)
-                state = "error"
-            self._close_iface(iface, state)
-            # The interface may be back already (down and up before we looked), and the
-            # monitor's notifications may be drained: look once now (an error path, not per packet).
-            self.refresh()
-        return out
+            return now, out
+        try:
+            err = sock.getsockopt(socket.SOL_SOCKET, _SO_ERROR)  # reading it clears it
+        except OSError as e:
+            err = e.errno or errno.EIO
+        if not err:
+            return now, out
+        failed = OSError(err, os.strerror(err))
+        self.stats["read_errors"] += 1
+        if err in DOWN_ERRNOS:
+            log.warning("interface %s went down: %s; waiting for it", iface.name, failed)
+            state = "down"
+        else:
+            log.warning("interface %s: read error: %s; reopening", iface.name, failed)
+            state = "error"
+        self._close_iface(iface, state)
+        # The interface may be back already (down and up before we looked), and the
+        # monitor's notifications may be drained: look once now (an error path, not per packet).
+        self.refresh()
+        return now, out
 
     # -- statistics --------------------------------------------------------------
 

@@ -23,10 +23,10 @@ from spa.authorize import Verifier
 from spa.config import Config, Door, load_config
 from spa.errors import ConfigError, InvalidGrant, SpaError
 from spa.grant import Address, CommandAction, Grant
-from spa.knock import Knock
-from spa.matcher import MatchDoor, MatchEvent, Matcher
+from spa.knock import Knock, address
+from spa.matcher import TCP, UDP, MatchDoor, MatchEvent, Matcher
 from spa.metrics import Metric, render
-from spa.packet import parse_ip, udp_payload
+from spa.packet import fields, udp_payload
 from spa.replay import ReplayCache
 from spa import rotating_match
 from spa.rotating_match import RotatingDoor, SourceBound
@@ -346,42 +346,52 @@ class Daemon:
 
     def _read(self, sock: socket.socket) -> None:
         assert self.capture is not None
-        packets = self.capture.read(sock)
-        if not packets and sock not in self.capture.sockets():
-            self._sync_sockets()
+        ts, packets = self.capture.read(sock)
+        if not packets:
+            if sock not in self.capture.sockets():
+                self._sync_sockets()
             return
+        # The hot path: numbers only (spa.packet.fields, Matcher.feed_fields); an
+        # address object is built when a line is logged or a grant made.
         debug = log.isEnabledFor(logging.DEBUG)
         spa_port = self.spa_port
         bound = self.bound if self.bound else None
-        for data, ts in packets:
-            k = parse_ip(data, ts)
-            if k is None:
-                self.stats["malformed"] += 1
+        feed = self.matcher.feed_fields
+        malformed = 0
+        for data in packets:
+            f = fields(data)
+            if f is None:
+                malformed += 1
                 continue
-            self.stats["knocks"] += 1
-            if k.dport == spa_port and k.proto == "udp":
-                self._spa_packet(data, k)
+            proto, skey, dkey, sport, dport, flags, seq = f
+            if dport == spa_port and proto == UDP:
+                self._spa_packet(data, address(skey))
             if debug:
                 # knockd -D's packet line, with the right month (knockd prints it one too low).
-                log.debug("%s: %s: %s:%d -> %s:%d %d bytes", time.strftime("%Y-%m-%d %H:%M:%S"), k.proto,
-                          k.src, k.sport, k.dst, k.dport, len(data))
-            found = self.matcher.feed(k)
+                log.debug("%s: %s: %s:%d -> %s:%d %d bytes", time.strftime("%Y-%m-%d %H:%M:%S"),
+                          "tcp" if proto == TCP else "udp", address(skey), sport, address(dkey), dport, len(data))
+            found = feed(proto, skey, dkey, sport, dport, flags, seq, ts)
             if bound:
-                found += bound.feed(k, time.time())
-            # Grants first, log lines after: the firewall should not wait for a log write.
-            for e in found:
-                if e.kind == "open":
-                    self._opened(e, k)
-            for e in found:
-                self._log_event(e, ts)
+                found += bound.feed(Knock(address(skey), address(dkey), "tcp" if proto == TCP else "udp", sport,
+                                          dport, flags, seq, ts), time.time())
+            if found:
+                # Grants first, log lines after: the firewall should not wait for a log write.
+                for e in found:
+                    if e.kind == "open":
+                        self._opened(e)
+                for e in found:
+                    self._log_event(e, ts)
+        self.stats["knocks"] += len(packets) - malformed
+        if malformed:
+            self.stats["malformed"] += malformed
 
-    def _spa_packet(self, data, k: Knock) -> None:
+    def _spa_packet(self, data: bytes, source: Address) -> None:
         assert self.spa is not None
         payload = udp_payload(data)
         if payload is None:
             self.stats["malformed"] += 1
             return
-        acc = self.spa.handle(payload, k.src)
+        acc = self.spa.handle(payload, source)
         if acc is None:
             return
         door = self.runtime.doors.get(acc.door)
@@ -392,7 +402,7 @@ class Daemon:
         else:  # a door that only logs: the nonce is still kept, off the loop
             self._io.submit(self.manager.journal.remember, [(acc.nonce, acc.remember_until)])
         self.stats["opens"] += 1
-        events.info("%s: %s: OPEN SESAME (SPA key %s%s) for %s, %.0f s", self.names(k.src), acc.door, acc.key_id,
+        events.info("%s: %s: OPEN SESAME (SPA key %s%s) for %s, %.0f s", self.names(source), acc.door, acc.key_id,
                     f" {acc.comment}" if acc.comment else "", acc.address, acc.duration)
 
     def rotate_sequences(self) -> None:
@@ -428,7 +438,7 @@ class Daemon:
         else:
             log.debug("%s: %s: sequence reset at stage %d", who, door, e.stage)
 
-    def _opened(self, e: MatchEvent, k: Knock) -> None:
+    def _opened(self, e: MatchEvent) -> None:
         candidate = rotating_match.parse_name(e.door)
         if candidate is not None:
             self._rotating_opened(candidate, e)
@@ -571,6 +581,9 @@ class Daemon:
                    {(): self.matcher.evictions}),
             Metric("spa_grants_active", "gauge", "Grants open now.", {(): active}),
             Metric("spa_grants_total", "counter", "Grants opened or extended.", {(): c["grants_total"]}),
+            Metric("spa_grants_coalesced_total", "counter",
+                   "Grants not re-applied: earned again within a second of being applied.",
+                   {(): c["grants_coalesced"]}),
             Metric("spa_firewall_operations_total", "counter", "Firewall operations.", {(): c["firewall_ops"]}),
             Metric("spa_firewall_failures_total", "counter", "Firewall operations that failed.",
                    {(): c["firewall_failures"]}),

@@ -18,6 +18,12 @@ door) pair is its own small state machine, so none of those can interfere:
   bounded memory.
 
 Pure: no I/O, no clock of its own (times come with the knocks).
+
+The capture loop calls ``feed_fields`` with plain numbers (``spa.packet.fields``):
+no address object is built per packet, sources and destinations are compared
+as integer keys (``spa.knock.key_of``), and an event's ``source`` address is
+made only when someone reads it. ``tests/fuzz/test_matcher.py`` checks this
+against the straightforward version it replaced (``tests/fuzz/reference_matcher.py``).
 """
 
 from __future__ import annotations
@@ -28,15 +34,17 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
 from spa.grant import Address, PortSpec
-from spa.knock import Knock, TcpFlags
+from spa.knock import Knock, TcpFlags, address, key_of
 
 DEFAULT_MAX_ATTEMPTS = 65536
-_V6 = 1 << 128
+
+TCP, UDP = 6, 17
+_PROTO_NUMBERS = {"tcp": TCP, "udp": UDP}
 
 
-def _key(addr: Address) -> int:
-    """An address as one int, IPv6 apart from IPv4."""
-    return int(addr) | _V6 if addr.version == 6 else int(addr)
+def step_key(proto: str, port: int) -> int:
+    """A (protocol, port) step as one int: what a packet is looked up by."""
+    return _PROTO_NUMBERS[proto] << 16 | port
 
 
 class DoorLike(Protocol):
@@ -76,21 +84,45 @@ class MatchEvent(NamedTuple):
 
     kind: EventKind
     door: str
-    source: Address
+    #: The source's key (``spa.knock.key_of``); ``source`` is its address.
+    key: int
     #: Steps matched: the new stage for "stage", the length for "open", the stage reached for "timeout"/"reset".
     stage: int
 
+    @property
+    def source(self) -> Address:
+        return address(self.key)
 
-@dataclass(slots=True)
+
+class _Door:
+    """A ``MatchDoor`` compiled for the hot path: steps as ints, the flag test and target as plain numbers."""
+
+    __slots__ = ("door", "name", "steps", "length", "timeout", "tcp_test", "must_set", "must_clear", "target")
+
+    def __init__(self, door: MatchDoor) -> None:
+        self.door = door
+        self.name = door.name
+        self.steps = tuple(step_key(s.proto, s.port) for s in door.sequence)
+        self.length = len(self.steps)
+        self.timeout = door.seq_timeout
+        # knockd: a TCP packet whose flags fail the door's test is invisible to that door.
+        self.tcp_test = door.tcpflags is not None
+        self.must_set = door.tcpflags.must_set if door.tcpflags is not None else 0
+        self.must_clear = door.tcpflags.must_clear if door.tcpflags is not None else 0
+        self.target = key_of(door.target) if door.target is not None else None
+
+
 class Attempt:
-    door: MatchDoor
-    source: Address
-    stage: int
-    started: float
-    # The knock counted last, to recognise its retransmission.
-    last_sport: int
-    last_seq: int
-    last_dport: int
+    __slots__ = ("door", "stage", "started", "last_sport", "last_seq", "last_dport")
+
+    def __init__(self, door: _Door, stage: int, started: float, sport: int, seq: int, dport: int) -> None:
+        self.door = door
+        self.stage = stage
+        self.started = started
+        # The knock counted last, to recognise its retransmission.
+        self.last_sport = sport
+        self.last_seq = seq
+        self.last_dport = dport
 
 
 class Matcher:
@@ -106,12 +138,12 @@ class Matcher:
         self.max_attempts = max_attempts
         # (source key, door name) -> attempt, in the order the attempts started:
         # the front is both the oldest (evicted first) and the first to expire.
-        # Sources are keyed by integer (``_key``): hashing an ipaddress object
-        # costs a Python call each time, and a packet needs several lookups.
         self._attempts: OrderedDict[tuple[int, str], Attempt] = OrderedDict()
+        # source key -> door name -> attempt, in the order that source's attempts started.
         self._by_source: dict[int, dict[str, Attempt]] = {}
         self._doors: dict[str, MatchDoor] = {}
-        self._first: dict[tuple[str, int], list[MatchDoor]] = {}
+        self._first: dict[int, tuple[_Door, ...]] = {}
+        self._step_keys: frozenset[int] = frozenset()
         self._steps: frozenset[tuple[str, int]] = frozenset()
         self._min_timeout = 0.0
         self._local: frozenset[int] | None = None
@@ -125,15 +157,16 @@ class Matcher:
         """Replace the doors; attempts of doors that did not change survive (reloads, one-time sequences)."""
         new = {d.name: d for d in doors}
         for key, attempt in list(self._attempts.items()):
-            if new.get(key[1]) != attempt.door:
-                self._drop(key)
+            if new.get(key[1]) != attempt.door.door:
+                self._drop(key[0], key[1])
         self._doors = new
-        first: dict[tuple[str, int], list[MatchDoor]] = {}
+        first: dict[int, list[_Door]] = {}
         for d in new.values():
             if d.sequence:
-                first.setdefault((d.sequence[0].proto, d.sequence[0].port), []).append(d)
-        self._first = first
+                first.setdefault(step_key(d.sequence[0].proto, d.sequence[0].port), []).append(_Door(d))
+        self._first = {k: tuple(v) for k, v in first.items()}
         self._steps = frozenset((s.proto, s.port) for d in new.values() for s in (*d.sequence, *d.guards))
+        self._step_keys = frozenset(step_key(p, port) for p, port in self._steps)
         self._min_timeout = min((d.seq_timeout for d in new.values()), default=0.0)
 
     @property
@@ -158,97 +191,132 @@ class Matcher:
     @local_addresses.setter
     def local_addresses(self, value: frozenset[Address] | None) -> None:
         self._local_addresses = value
-        self._local = frozenset(_key(a) for a in value) if value is not None else None
-
-    def _dst_ok(self, door: MatchDoor, dst: Address, dkey: int) -> bool:
-        if door.target is not None:
-            return dst == door.target
-        return self._local is None or dkey in self._local
-
-    @staticmethod
-    def _step_ok(door: MatchDoor, step: PortSpec, k: Knock) -> bool:
-        return step.port == k.dport and step.proto == k.proto
-
-    @staticmethod
-    def _visible(door: MatchDoor, k: Knock) -> bool:
-        # knockd: a TCP packet whose flags fail the door's test is ignored by that door.
-        return k.proto != "tcp" or door.tcpflags is None or door.tcpflags.matches(k.flags)
+        self._local = frozenset(key_of(a) for a in value) if value is not None else None
 
     def feed(self, k: Knock) -> list[MatchEvent]:
         """Account one packet; the events it caused (stages, opens, timeouts, resets)."""
-        if (k.proto, k.dport) not in self._steps:
+        return self.feed_fields(_PROTO_NUMBERS[k.proto], key_of(k.src), key_of(k.dst), k.sport, k.dport,
+                                k.flags, k.seq, k.time)
+
+    def feed_fields(self, proto: int, skey: int, dkey: int, sport: int, dport: int, flags: int, seq: int,
+                    t: float) -> list[MatchEvent]:
+        """``feed`` for the capture loop: the packet as ``spa.packet.fields`` gives it, and its time."""
+        step = proto << 16 | dport
+        if step not in self._step_keys:
             return []
         events: list[MatchEvent] = []
-        skey, dkey = _key(k.src), _key(k.dst)
+        local = self._local
+        local_ok = local is None or dkey in local
+        tcp = proto == TCP
+        attempts = self._attempts
         mine = self._by_source.get(skey)
-        tried: set[str] = set()
+        tried: set[str] | None = None
+        # Attempts reset by a packet that is their door's first step: taken out
+        # (as a drop would) and put back below, in the first-step loop's order,
+        # as the new attempt that packet starts, without building a new one.
+        restart: dict[str, Attempt] | None = None
         if mine:
-            for name, a in list(mine.items()):
-                door = a.door
-                if k.time - a.started > door.seq_timeout:
-                    self._drop((skey, name))
-                    events.append(MatchEvent("timeout", name, k.src, a.stage))
+            for name, a in tuple(mine.items()):
+                d = a.door
+                if t - a.started > d.timeout:
+                    del attempts[(skey, name)]
+                    del mine[name]
+                    events.append(MatchEvent("timeout", name, skey, a.stage))
                     continue  # may start afresh below
-                if not self._dst_ok(door, k.dst, dkey) or not self._visible(door, k):
-                    tried.add(name)
+                if not (local_ok if d.target is None else d.target == dkey) or (
+                        tcp and d.tcp_test and (flags & d.must_set != d.must_set or flags & d.must_clear)):
+                    tried = {name} if tried is None else tried | {name}
                     continue
-                if k.proto == "tcp" and k.sport == a.last_sport and k.seq == a.last_seq and k.dport == a.last_dport:
-                    tried.add(name)  # the same SYN again: counted once
+                if tcp and sport == a.last_sport and seq == a.last_seq and dport == a.last_dport:
+                    tried = {name} if tried is None else tried | {name}  # the same SYN again: counted once
                     continue
-                if self._step_ok(door, door.sequence[a.stage], k):
-                    tried.add(name)
+                if d.steps[a.stage] == step:
+                    tried = {name} if tried is None else tried | {name}
                     a.stage += 1
-                    a.last_sport, a.last_seq, a.last_dport = k.sport, k.seq, k.dport
-                    events.append(MatchEvent("stage", name, k.src, a.stage))  # knockd logs the last stage too
-                    if a.stage == len(door.sequence):
-                        self._drop((skey, name))
-                        events.append(MatchEvent("open", name, k.src, a.stage))
+                    a.last_sport, a.last_seq, a.last_dport = sport, seq, dport
+                    events.append(MatchEvent("stage", name, skey, a.stage))  # knockd logs the last stage too
+                    if a.stage == d.length:
+                        del attempts[(skey, name)]
+                        del mine[name]
+                        events.append(MatchEvent("open", name, skey, a.stage))
                     continue
-                self._drop((skey, name))
-                events.append(MatchEvent("reset", name, k.src, a.stage))
-        for door in self._first.get((k.proto, k.dport), ()):
-            if door.name in tried or (skey, door.name) in self._attempts:
+                del attempts[(skey, name)]
+                del mine[name]
+                events.append(MatchEvent("reset", name, skey, a.stage))
+                if d.steps[0] == step:
+                    if restart is None:
+                        restart = {name: a}
+                    else:
+                        restart[name] = a
+            if not mine:
+                del self._by_source[skey]
+                mine = None
+        for d in self._first.get(step, ()):
+            name = d.name
+            if (tried is not None and name in tried) or (mine is not None and name in mine):
                 continue
-            if not self._dst_ok(door, k.dst, dkey) or not self._visible(door, k):
+            if not (local_ok if d.target is None else d.target == dkey) or (
+                    tcp and d.tcp_test and (flags & d.must_set != d.must_set or flags & d.must_clear)):
                 continue
-            if len(door.sequence) == 1:
-                events.append(MatchEvent("stage", door.name, k.src, 1))
-                events.append(MatchEvent("open", door.name, k.src, 1))
+            if d.length == 1:
+                events.append(MatchEvent("stage", name, skey, 1))
+                events.append(MatchEvent("open", name, skey, 1))
                 continue
-            self._add(k, skey, door)
-            events.append(MatchEvent("stage", door.name, k.src, 1))
+            while len(attempts) >= self.max_attempts:
+                (oskey, oname), _ = attempts.popitem(last=False)
+                self._drop(oskey, oname)
+                self.evictions += 1
+                if oskey == skey:
+                    mine = self._by_source.get(skey)
+            a = restart.get(name) if restart is not None else None
+            if a is None or a.door is not d:
+                a = Attempt(d, 1, t, sport, seq, dport)
+            else:
+                a.stage, a.started, a.last_sport, a.last_seq, a.last_dport = 1, t, sport, seq, dport
+            attempts[(skey, name)] = a
+            if mine is None:
+                mine = self._by_source[skey] = {name: a}
+            else:
+                mine[name] = a
+            events.append(MatchEvent("stage", name, skey, 1))
         return events
 
-    def _add(self, k: Knock, skey: int, door: MatchDoor) -> None:
-        while len(self._attempts) >= self.max_attempts:
-            oldest = next(iter(self._attempts))
-            self._drop(oldest)
+    def _add(self, skey: int, door: _Door, t: float, sport: int, seq: int, dport: int) -> None:
+        attempts = self._attempts
+        while len(attempts) >= self.max_attempts:
+            (oskey, oname), _ = attempts.popitem(last=False)
+            self._drop(oskey, oname)
             self.evictions += 1
-        a = Attempt(door, k.src, 1, k.time, k.sport, k.seq, k.dport)
-        self._attempts[(skey, door.name)] = a
-        self._by_source.setdefault(skey, {})[door.name] = a
+        a = Attempt(door, 1, t, sport, seq, dport)
+        attempts[(skey, door.name)] = a
+        mine = self._by_source.get(skey)
+        if mine is None:
+            self._by_source[skey] = {door.name: a}
+        else:
+            mine[door.name] = a
 
-    def _drop(self, key: tuple[int, str]) -> None:
-        self._attempts.pop(key, None)
-        mine = self._by_source.get(key[0])
+    def _drop(self, skey: int, name: str) -> None:
+        self._attempts.pop((skey, name), None)
+        mine = self._by_source.get(skey)
         if mine is not None:
-            mine.pop(key[1], None)
+            mine.pop(name, None)
             if not mine:
-                del self._by_source[key[0]]
+                del self._by_source[skey]
 
     def expire(self, now: float) -> list[MatchEvent]:
         """Drop attempts whose time ran out (for the log and for memory); call now and then."""
         events = []
-        for key, a in list(self._attempts.items()):
+        for (skey, name), a in list(self._attempts.items()):
             age = now - a.started
             if age <= self._min_timeout:
                 break  # everything after started later still
-            if age > a.door.seq_timeout:
-                self._drop(key)
-                events.append(MatchEvent("timeout", key[1], a.source, a.stage))
+            if age > a.door.timeout:
+                self._drop(skey, name)
+                events.append(MatchEvent("timeout", name, skey, a.stage))
         return events
 
     def forget(self, source: Address | None = None) -> None:
         """Drop every attempt (of one source, or all)."""
-        for key in [k for k in self._attempts if source is None or k[0] == _key(source)]:
-            self._drop(key)
+        skey = key_of(source) if source is not None else None
+        for key in [k for k in self._attempts if skey is None or k[0] == skey]:
+            self._drop(*key)

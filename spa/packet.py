@@ -16,11 +16,9 @@ step raise on the capture loop (found by tests/fuzz).
 from __future__ import annotations
 
 import struct
-from ipaddress import IPv4Address, IPv6Address
+from spa.knock import Knock, address
 
-from spa.knock import Knock
-
-__all__ = ["parse_ip", "udp_payload", "MAX_IPV6_EXTENSION_HEADERS"]
+__all__ = ["fields", "parse_ip", "udp_payload", "Truncated", "MAX_IPV6_EXTENSION_HEADERS"]
 
 #: IPv6 extension headers walked before giving up (a knock has none in practice).
 MAX_IPV6_EXTENSION_HEADERS = 8
@@ -44,35 +42,52 @@ _FRAG_OFFSET = struct.Struct("!H")
 _ZERO6 = bytes(16)
 _MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 
-# Address objects by packed value (int for IPv4, 16 bytes for IPv6): building
-# one costs about as much as the rest of the parse, and the destinations (our
-# own addresses) and the knocking sources repeat. Cleared when full, so a
-# flood of spoofed sources costs one clear per _CACHE_MAX packets, no growth.
-_CACHE_MAX = 4096
-_addresses: dict[int | bytes, IPv4Address | IPv6Address] = {}
+_V4_NO_OPTIONS = 0x45
+_V6_KEY = 1 << 128
+
+
+class Truncated(bytes):
+    """A packet the capture cut short (a ring frame holds a few hundred bytes): ``wire_len`` is its real length.
+
+    Its headers are still read (a knock's ports are in the first bytes); a
+    payload that did not fit (an SPA datagram) is refused.
+    """
+
+    wire_len: int
+
+    def __new__(cls, data: bytes, wire_len: int) -> Truncated:
+        obj = super().__new__(cls, data)
+        obj.wire_len = wire_len
+        return obj
 
 
 def _locate(data: bytes | bytearray | memoryview) -> tuple[int, int, int, int, int | bytes, int | bytes] | None:
-    """(version, protocol, transport offset, end, src, dst) of a TCP/UDP packet we can read, else None."""
+    """(version, protocol, transport offset, end, src, dst) of a TCP/UDP packet we can read, else None.
+
+    ``end`` is where the packet's bytes end: its length field, or the captured
+    length of a ``Truncated`` one, whichever is shorter.
+    """
     n = len(data)
     if n < 20:
         return None
+    wire = data.wire_len if type(data) is Truncated else n
     version = data[0] >> 4
     if version == 4:
         vihl, total, frag, proto, src, dst = _IP4.unpack_from(data)
         ihl = (vihl & 0x0F) << 2
         # The total length bounds the packet: bytes past it are link padding.
-        if ihl < 20 or total < ihl or total > n or frag & 0x1FFF:
+        if ihl < 20 or total < ihl or total > wire or frag & 0x1FFF:
             return None
-        off, end = ihl, total
+        off, end = ihl, min(total, n)
     elif version == 6:
         if n < 40:
             return None
         plen, proto, src6, dst6 = _IP6.unpack_from(data)
         end = 40 + plen
         # A zero payload length is a jumbogram (or garbage): never a knock.
-        if plen == 0 or end > n:
+        if plen == 0 or end > wire:
             return None
+        end = min(end, n)
         off = 40
         for _ in range(MAX_IPV6_EXTENSION_HEADERS):
             if proto == _TCP or proto == _UDP:
@@ -125,39 +140,54 @@ def udp_payload(data: bytes | bytearray | memoryview) -> bytes | None:
     return bytes(data[off + _UDP_MIN : off + length])
 
 
-def parse_ip(data: bytes | bytearray | memoryview, time: float) -> Knock | None:
-    """The ``Knock`` in one raw IPv4 or IPv6 packet, or ``None``."""
+def fields(data: bytes | bytearray | memoryview) -> tuple[int, int, int, int, int, int, int] | None:
+    """``(protocol, source key, destination key, sport, dport, TCP flags, TCP seq)``, or ``None``.
+
+    The capture loop's parse: numbers only, no address object (keys as
+    ``spa.knock.key_of`` makes them). The protocol is 6 (TCP) or 17 (UDP).
+    """
+    if len(data) >= 28 and data[0] == _V4_NO_OPTIONS:
+        # The common case, IPv4 without options, in one go; anything odd takes the general path.
+        _, total, frag, proto, src, dst = _IP4.unpack_from(data)
+        if proto == _TCP and 40 <= total <= len(data) and not frag & 0x1FFF and src and src >> 28 != 0xE:
+            sport, dport, seq, doff, flags = _TCP_HDR.unpack_from(data, 20)
+            if doff >= 0x50:
+                return _TCP, src, dst, sport, dport, flags, seq
+            return None
+        if proto == _UDP and 28 <= total <= len(data) and not frag & 0x1FFF and src and src >> 28 != 0xE:
+            sport, dport = _UDP_HDR.unpack_from(data, 20)
+            return _UDP, src, dst, sport, dport, 0, 0
     found = _locate(data)
     if found is None:
         return None
     version, proto, off, end, src, dst = found
     if _unusable_source(version, src):
         return None
-
     if proto == _TCP:
         if off + _TCP_MIN > end:
             return None
         sport, dport, seq, doff, flags = _TCP_HDR.unpack_from(data, off)
         if doff < 0x50:  # data offset (high nibble) below 5 words
             return None
-        name = "tcp"
     elif proto == _UDP:
         if off + _UDP_MIN > end:
             return None
         sport, dport = _UDP_HDR.unpack_from(data, off)
-        name, flags, seq = "udp", 0, 0
+        flags = seq = 0
     else:
         return None
+    if version == 6:
+        return proto, int.from_bytes(src, "big") | _V6_KEY, int.from_bytes(dst, "big") | _V6_KEY, sport, dport, flags, seq  # type: ignore[arg-type]
+    return proto, src, dst, sport, dport, flags, seq  # type: ignore[return-value]
 
-    cache = _addresses
-    src_addr = cache.get(src)
-    dst_addr = cache.get(dst)
-    if src_addr is None or dst_addr is None:
-        if len(cache) >= _CACHE_MAX - 1:
-            cache.clear()
-        cls = IPv4Address if version == 4 else IPv6Address
-        if src_addr is None:
-            src_addr = cache[src] = cls(src)
-        if dst_addr is None:
-            dst_addr = cache[dst] = cls(dst)
-    return Knock(src_addr, dst_addr, name, sport, dport, flags, seq, time)
+
+_PROTO_NAMES = {_TCP: "tcp", _UDP: "udp"}
+
+
+def parse_ip(data: bytes | bytearray | memoryview, time: float) -> Knock | None:
+    """The ``Knock`` in one raw IPv4 or IPv6 packet, or ``None``."""
+    f = fields(data)
+    if f is None:
+        return None
+    proto, skey, dkey, sport, dport, flags, seq = f
+    return Knock(address(skey), address(dkey), _PROTO_NAMES[proto], sport, dport, flags, seq, time)

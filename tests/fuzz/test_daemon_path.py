@@ -93,7 +93,7 @@ class FakeManager:
 
 
 class FakeCapture:
-    """Hands ``_read`` the packets under test, as ``Capture.read`` would: (bytes, monotonic time)."""
+    """Hands ``_read`` the packets under test as ``Capture.read`` would: one batch, one time (the first one's)."""
 
     def __init__(self) -> None:
         self.packets: list[tuple[bytes, float]] = []
@@ -101,7 +101,7 @@ class FakeCapture:
 
     def read(self, sock):
         out, self.packets = self.packets, []
-        return out
+        return (out[0][1] if out else 0.0), [p for p, _t in out]
 
     def sockets(self):
         return [self.sock]

