@@ -53,6 +53,13 @@ TICK = 1.0
 METRICS_INTERVAL = 5.0
 #: How often junk on the SPA port is summarized in the log (never per packet).
 JUNK_SUMMARY_INTERVAL = 60.0
+#: A classic door completed again by the same source this soon (seconds) after it opened is counted,
+#: not acted on: its grant would move by less than this. A spoofed flood on a knock sequence
+#: completes the same (door, source) many times a second, each a grant and an OPEN SESAME line.
+REPEAT_HOLDOFF = 1.0
+#: Only doors whose grant lasts at least this long (seconds) hold off repeats: a shorter one
+#: could close within the holdoff, and one-shot command doors run their command at every open, as in knockd.
+REPEAT_MIN_DURATION = 10.0
 
 
 @dataclass
@@ -169,7 +176,10 @@ class Daemon:
         self._wake_w.setblocking(False)
         self._signals: list[int] = []
         self.stats: dict[str, int] = {"malformed": 0, "knocks": 0, "opens": 0, "reloads": 0, "reload_failures": 0,
-                                      "rotating_reused": 0}
+                                      "rotating_reused": 0, "opens_repeated": 0}
+        # (door, source key) -> capture time of its last open (REPEAT_HOLDOFF); pruned when big.
+        self._last_open: dict[tuple[str, int], float] = {}
+        self._repeats_logged = 0
         self.event_counts: dict[str, int] = {"stage": 0, "open": 0, "timeout": 0, "reset": 0}
         self.started = time.time()
         self._next_metrics = 0.0
@@ -326,13 +336,16 @@ class Daemon:
         dropped = self._throttle.take_suppressed()
         if dropped:
             log.warning("%d knock log lines suppressed in the last second (a flood on the knock ports?)", dropped)
+        repeats = self.stats["opens_repeated"] - self._repeats_logged
+        if repeats:
+            self._repeats_logged = self.stats["opens_repeated"]
+            log.warning("%d repeated open(s) not acted on: a door completed again by the same source within %g s"
+                        " (a spoofed flood on a knock sequence?)", repeats, REPEAT_HOLDOFF)
         if time.monotonic() >= self._next_metrics:
             self._next_metrics = time.monotonic() + METRICS_INTERVAL
             self.publish()
-        for e in self.matcher.expire(time.monotonic()):
-            self._log_event(e)
-        for e in self.bound.expire(time.monotonic()):
-            self._log_event(e)
+        self._log_events(self.matcher.expire(time.monotonic()), time.monotonic())
+        self._log_events(self.bound.expire(time.monotonic()), time.monotonic())
         if self.spa is not None:
             self.replay.prune(time.time())
             if time.monotonic() >= self._next_junk_summary:
@@ -376,11 +389,11 @@ class Daemon:
                                           dport, flags, seq, ts), time.time())
             if found:
                 # Grants first, log lines after: the firewall should not wait for a log write.
+                quiet = None
                 for e in found:
-                    if e.kind == "open":
-                        self._opened(e)
-                for e in found:
-                    self._log_event(e, ts)
+                    if e[0] == "open" and not self._opened(e, ts):
+                        quiet = (e,) if quiet is None else (*quiet, e)
+                self._log_events(found, ts, quiet)
         self.stats["knocks"] += len(packets) - malformed
         if malformed:
             self.stats["malformed"] += malformed
@@ -419,33 +432,61 @@ class Daemon:
         c = rotating_match.parse_name(name)
         return name if c is None else c.door
 
-    def _log_event(self, e: MatchEvent, now: float | None = None) -> None:
-        self.event_counts[e.kind] += 1
-        if e.kind == "reset" and not log.isEnabledFor(logging.DEBUG):
-            return
-        # OPEN SESAME is never throttled: log watchers (fail2ban and the like) act on it.
-        if e.kind != "open" and not self._throttle.allow(time.monotonic() if now is None else now):
-            return
-        who = self.names(e.source)
-        door = self._door_label(e.door)
-        if e.kind == "stage":
-            events.info("%s: %s: Stage %d", who, door, e.stage)
-        elif e.kind == "open":
-            if door == e.door:  # a rotating open is logged once it is known not to be a second use
-                events.info("%s: %s: OPEN SESAME", who, door)
-        elif e.kind == "timeout":
-            events.info("%s: %s: sequence timeout (stage %d)", who, door, e.stage)
-        else:
-            log.debug("%s: %s: sequence reset at stage %d", who, door, e.stage)
+    def _log_events(self, found: list[MatchEvent], now: float, quiet: tuple[MatchEvent, ...] | None = None) -> None:
+        """Count the events and write their knockd-style lines (rate-limited; one call per packet, not per event).
 
-    def _opened(self, e: MatchEvent) -> None:
+        ``quiet``: opens that were not acted on (repeats), counted but not logged.
+        """
+        counts = self.event_counts
+        throttle = self._throttle
+        debug = None
+        for e in found:
+            kind = e[0]
+            counts[kind] += 1
+            if kind == "open":
+                # OPEN SESAME is never throttled: log watchers (fail2ban and the like) act on it.
+                if quiet is not None and e in quiet:
+                    continue
+            elif kind == "reset":
+                if debug is None:
+                    debug = log.isEnabledFor(logging.DEBUG)
+                if not debug or not throttle.allow(now):
+                    continue
+            elif now < throttle.next_ok:  # what allow() would say, without the call (a flood's common case)
+                throttle.suppressed += 1
+                continue
+            elif not throttle.allow(now):
+                continue
+            who = self.names(e.source)
+            door = self._door_label(e.door)
+            if kind == "stage":
+                events.info("%s: %s: Stage %d", who, door, e.stage)
+            elif kind == "open":
+                if door == e.door:  # a rotating open is logged once it is known not to be a second use
+                    events.info("%s: %s: OPEN SESAME", who, door)
+            elif kind == "timeout":
+                events.info("%s: %s: sequence timeout (stage %d)", who, door, e.stage)
+            else:
+                log.debug("%s: %s: sequence reset at stage %d", who, door, e.stage)
+
+    def _opened(self, e: MatchEvent, now: float) -> bool:
+        """Act on a completed door; False when it was a repeat held off (REPEAT_HOLDOFF), True otherwise."""
         candidate = rotating_match.parse_name(e.door)
         if candidate is not None:
             self._rotating_opened(candidate, e)
-            return
+            return True
         door = self.runtime.doors.get(e.door)
         if door is None:
-            return
+            return True
+        if door.cmd_timeout >= REPEAT_MIN_DURATION and (door.open or door.stop_command or door.stop_command_6):
+            key = (e.door, e.key)
+            last = self._last_open.get(key)
+            if last is not None and 0.0 <= now - last < REPEAT_HOLDOFF:
+                self.stats["opens_repeated"] += 1
+                return False
+            if len(self._last_open) >= 65536:
+                self._last_open = {k: t for k, t in self._last_open.items() if 0.0 <= now - t < REPEAT_HOLDOFF}
+            self._last_open[key] = now
         self.stats["opens"] += 1
         grant = door_grant(door, e.source)
         onetime = self.runtime.onetime.get(door.name)
@@ -459,9 +500,10 @@ class Daemon:
             self.matcher.set_doors(doors)
             self.rebuild_filter()
             self._io.submit(self._mark_used, door, onetime, line_no, nxt, grant)
-            return
+            return True
         if grant is not None:
             self.manager.submit(grant)
+        return True
 
     def _rotating_opened(self, c: rotating_match.Candidate, e: MatchEvent) -> None:
         door = self.runtime.doors.get(c.door)
@@ -528,6 +570,7 @@ class Daemon:
             log.warning("%s", w)
         before = self.interfaces
         self.runtime = new
+        self._last_open.clear()  # a door may open other ports now: a knock right after the reload acts
         if self.interfaces != before:
             self._recapture(before)
         self._next_rotation = rotating_match.boundaries(new.rotating, time.time())
@@ -581,9 +624,9 @@ class Daemon:
                    {(): self.matcher.evictions}),
             Metric("spa_grants_active", "gauge", "Grants open now.", {(): active}),
             Metric("spa_grants_total", "counter", "Grants opened or extended.", {(): c["grants_total"]}),
-            Metric("spa_grants_coalesced_total", "counter",
-                   "Grants not re-applied: earned again within a second of being applied.",
-                   {(): c["grants_coalesced"]}),
+            Metric("spa_repeated_opens_total", "counter",
+                   "Doors completed again by the same source within a second: counted, not acted on.",
+                   {(): self.stats["opens_repeated"]}),
             Metric("spa_firewall_operations_total", "counter", "Firewall operations.", {(): c["firewall_ops"]}),
             Metric("spa_firewall_failures_total", "counter", "Firewall operations that failed.",
                    {(): c["firewall_failures"]}),

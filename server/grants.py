@@ -37,11 +37,6 @@ log = logging.getLogger(__name__)
 COMMAND = "command"
 #: Grants waiting for the worker; beyond this the oldest are dropped (and counted).
 MAX_PENDING = 65536
-#: A firewall grant re-earned this soon (seconds) after it was applied is not applied again: its
-#: deadline would move by less than this. A spoofed flood on a knock sequence completes the
-#: same (door, address) many times a second; each would be a journal row, a netlink
-#: transaction and a log line.
-REGRANT_HOLDOFF = 1.0
 
 
 def describe(g: ActiveGrant) -> str:
@@ -76,8 +71,6 @@ class GrantManager:
         # Nonces to make durable ahead of their grant (reserve()), and those already on disk.
         self._reserved: list[tuple[bytes, float]] = []
         self._durable: dict[bytes, float] = {}
-        # (door, address) -> (monotonic time, grant) of the firewall grants applied last (REGRANT_HOLDOFF).
-        self._applied: dict[tuple, tuple[float, Grant]] = {}
         self._heap: list[tuple[float, str, str]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -157,11 +150,6 @@ class GrantManager:
         firewall; without (a used rotating sequence, already refused in memory)
         it is written with the grant right after the firewall opens.
         """
-        if nonce is None and grant.commands is None:
-            seen = self._applied.get(grant.key)
-            if seen is not None and seen[1] == grant and time.monotonic() - seen[0] < REGRANT_HOLDOFF:
-                self.counters["grants_coalesced"] += 1
-                return
         with self._cond:
             if nonce is not None:
                 (self._nonces if nonce_first else self._late).append(nonce)
@@ -263,12 +251,7 @@ class GrantManager:
                     # Open already; the kernel still closes each one at its deadline.
                     log.error("journal write failed after opening %d grant(s): %s", len(pairs), exc)
             self.counters["firewall_ops"] += 1
-            applied = self._applied
-            mono = time.monotonic()
-            if len(applied) > MAX_PENDING:
-                self._applied = applied = {k: v for k, v in applied.items() if mono - v[0] < REGRANT_HOLDOFF}
             for g, (h, prev) in zip(native, pairs):
-                applied[g.key] = (mono, g)
                 self.counters["grants_total"] += 1
                 self._schedule(h)
                 log.info("%s %s until %s%s", "extended" if prev is not None else "opened", describe(h),
@@ -292,7 +275,6 @@ class GrantManager:
 
     def _close(self, g: ActiveGrant, backend_name: str, reason: str) -> bool:
         """Close one journaled grant; the caller has claimed it or owns the journal (start-up, shutdown)."""
-        self._applied.pop(g.key, None)  # earned again after this, it must open again
         self.journal.claim_close(g.door, g.address)  # marks it; already marked when the caller claimed it
         if g.commands is not None and reason == "deadline":
             events.info("%s: %s: command timeout", g.address, g.door)  # knockd's line before the stop command

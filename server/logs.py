@@ -112,14 +112,23 @@ class Throttle:
         self._tokens = burst
         self._last: float | None = None
         self.suppressed = 0
+        #: Before this time no token is back: a caller may count the line as suppressed
+        #: without calling ``allow`` (the capture loop does, under a flood).
+        self.next_ok = float("-inf")
 
     def allow(self, now: float) -> bool:
+        if now < self.next_ok:
+            self.suppressed += 1
+            return False
         if self._last is not None:
             self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
         self._last = now
         if self._tokens >= 1.0:
             self._tokens -= 1.0
+            if self._tokens < 1.0:
+                self.next_ok = now + (1.0 - self._tokens) / self.rate
             return True
+        self.next_ok = now + (1.0 - self._tokens) / self.rate
         self.suppressed += 1
         return False
 

@@ -34,6 +34,7 @@ TP_STATUS_USER = 1
 
 _REQ = struct.Struct("=IIII")  # block size, block count, frame size, frame count
 _HDR = struct.Struct("=IIIHH")  # status, len, snaplen, mac, net
+HEADER = _HDR
 DEFAULT_FRAME_SIZE = 1024
 DEFAULT_RING_BYTES = 4 << 20
 _BLOCK = 1 << 16
@@ -49,11 +50,22 @@ class Ring:
         blocks = max(1, ring_bytes // _BLOCK)
         sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
         sock.setsockopt(SOL_PACKET, PACKET_RX_RING, _REQ.pack(_BLOCK, blocks, frame_size, blocks * _BLOCK // frame_size))
+        self._attach(mmap.mmap(sock.fileno(), blocks * _BLOCK, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE),
+                     frame_size)
+
+    @classmethod
+    def over(cls, memory: mmap.mmap, frame_size: int = DEFAULT_FRAME_SIZE) -> Ring:
+        """A ring over memory the caller fills as the kernel would (tests and benchmarks)."""
+        ring = cls.__new__(cls)
+        ring._attach(memory, frame_size)
+        return ring
+
+    def _attach(self, memory: mmap.mmap, frame_size: int) -> None:
         self.frame_size = frame_size
-        self.frames = blocks * _BLOCK // frame_size
-        self._mm = mmap.mmap(sock.fileno(), blocks * _BLOCK, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.frames = len(memory) // frame_size
+        self._mm = memory
         # The frame statuses, as u32 words: read and handed back without struct calls.
-        self._words = memoryview(self._mm).cast("I")
+        self._words = memoryview(memory).cast("I")
         self._next = 0
 
     def read(self, max_packets: int) -> list[bytes]:

@@ -103,30 +103,3 @@ def test_a_used_rotating_sequence_follows_its_grant_to_disk(tmp_path):
     finally:
         mgr.stop()
 
-
-def test_a_grant_earned_again_within_the_holdoff_is_not_reapplied_unless_it_was_closed(tmp_path):
-    """A spoofed flood completes the same (door, address) many times a second: one firewall change, not each."""
-    mgr, backend = _manager(tmp_path)
-    mgr.start()
-    try:
-        g = Grant.create("knock", "192.0.2.2", "22/tcp", 30)
-        mgr.submit(g)
-        assert _wait(lambda: len(backend.opens) == 1 and mgr.journal.get("knock", g.address))
-        for _ in range(50):
-            mgr.submit(g)
-        assert mgr.counters["grants_coalesced"] == 50
-        # Another door, another address or other ports are other grants.
-        mgr.submit(Grant.create("knock", "192.0.2.3", "22/tcp", 30))
-        mgr.submit(Grant.create("knock", "192.0.2.2", "2222/tcp", 30))
-        assert _wait(lambda: mgr.counters["grants_total"] == 3)
-        # Closed in between (revoked, expired): earned again, it opens again at once.
-        assert mgr.revoke("knock", g.address)
-        mgr.submit(Grant.create("knock", "192.0.2.2", "22/tcp", 30))
-        assert _wait(lambda: mgr.journal.get("knock", g.address) is not None)
-        assert mgr.counters["grants_coalesced"] == 50
-        # An SPA grant (it carries a nonce) is never coalesced.
-        mgr.submit(Grant.create("spa", "192.0.2.2", "22/tcp", 30), (b"N" * 24, time.time() + 60))
-        mgr.submit(Grant.create("spa", "192.0.2.2", "22/tcp", 30), (b"M" * 24, time.time() + 60))
-        assert mgr.counters["grants_coalesced"] == 50
-    finally:
-        mgr.stop()

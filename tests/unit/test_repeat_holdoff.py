@@ -1,0 +1,117 @@
+"""A door completed again by the same source within REPEAT_HOLDOFF: counted, not acted on, not logged.
+
+The daemon is built for real; its edges are fakes: a capture whose ``read``
+hands over the packets under test and a grant manager that records what it
+is handed. No socket is read and no firewall touched.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import struct
+
+import pytest
+
+from spa.config import parse_config
+from spa.server.daemon import REPEAT_HOLDOFF, Daemon, Runtime, Settings
+
+HERE = ipaddress.ip_address("192.0.2.1")
+CONF = """
+[options]
+[long]
+    Sequence = 7000,8000,9000
+    Open = 22/tcp
+    Cmd_Timeout = 30
+[short]
+    Sequence = 7100,8100,9100
+    Open = 22/tcp
+    Cmd_Timeout = 5
+[oneshot]
+    Sequence = 7200,8200,9200
+    Start_Command = true %IP%
+"""
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.submitted: list = []
+        self.counters: dict[str, int] = {}
+        self.native = None
+
+    def submit(self, grant, nonce=None, *, nonce_first=True) -> None:
+        self.submitted.append(grant)
+
+    def reserve(self, nonce, until) -> None: ...
+
+    def active(self) -> list:
+        return []
+
+
+class Capture:
+    def __init__(self) -> None:
+        self.batch: tuple[float, list[bytes]] = (0.0, [])
+        self.sock = object()
+
+    def read(self, sock):
+        out, self.batch = self.batch, (0.0, [])
+        return out
+
+    def sockets(self):
+        return [self.sock]
+
+    def set_filter(self, insns) -> None: ...
+
+    def refresh(self) -> bool:
+        return False
+
+    def close(self) -> None: ...
+
+
+def _syn(src: str, dport: int, seq: int) -> bytes:
+    l4 = struct.pack("!HHIIBBHHH", 40000, dport, seq, 0, 0x50, 0x02, 1024, 0, 0)
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 6, 0, ipaddress.ip_address(src).packed,
+                       HERE.packed) + l4
+
+
+@pytest.fixture
+def daemon():
+    config = parse_config(CONF, "/nonexistent/knockd.conf")
+    d = Daemon(Settings(), Runtime(config, {x.name: x for x in config.doors}, {}, None, ()), Recorder())
+    d.capture = Capture()
+    d.matcher.local_addresses = frozenset({HERE})
+    yield d
+    d.capture = None
+    d.close()
+
+
+def _knock(d: Daemon, src: str, ports: tuple[int, ...], t: float, seq0: int = 0) -> None:
+    d.capture.batch = (t, [_syn(src, p, seq0 + i) for i, p in enumerate(ports)])
+    d._read(d.capture.sock)
+
+
+def test_a_repeat_within_the_holdoff_is_counted_not_granted_nor_logged(daemon, caplog):
+    caplog.set_level(logging.INFO)
+    seq = (7000, 8000, 9000)
+    _knock(daemon, "198.51.100.7", seq, 100.0)
+    _knock(daemon, "198.51.100.7", seq, 100.0 + REPEAT_HOLDOFF / 2, seq0=10)
+    assert [str(g.address) for g in daemon.manager.submitted] == ["198.51.100.7"]
+    assert daemon.stats["opens_repeated"] == 1 and daemon.event_counts["open"] == 2
+    assert caplog.text.count("OPEN SESAME") == 1
+    # Another source is another open; the same source after the holdoff opens again.
+    _knock(daemon, "198.51.100.8", seq, 100.0 + REPEAT_HOLDOFF / 2, seq0=20)
+    _knock(daemon, "198.51.100.7", seq, 100.0 + REPEAT_HOLDOFF * 1.5, seq0=30)
+    assert [str(g.address) for g in daemon.manager.submitted] == ["198.51.100.7", "198.51.100.8", "198.51.100.7"]
+    assert caplog.text.count("OPEN SESAME") == 3
+    daemon._tick()
+    assert "1 repeated open(s) not acted on" in caplog.text
+
+
+def test_short_grants_and_one_shot_commands_act_on_every_open(daemon):
+    """A grant shorter than REPEAT_MIN_DURATION could close within the holdoff; knockd runs a
+    command with no stop command at every open."""
+    for ports in ((7100, 8100, 9100), (7200, 8200, 9200)):
+        _knock(daemon, "198.51.100.9", ports, 200.0)
+        _knock(daemon, "198.51.100.9", ports, 200.1, seq0=10)
+    assert [g.door for g in daemon.manager.submitted] == ["short", "short", "oneshot", "oneshot"]
+    assert daemon.stats["opens_repeated"] == 0
