@@ -230,7 +230,8 @@ def summary_rows(text: str) -> list[list[str]]:
     v, line = goal(sc)
     m = re.search(r"largest ratio against the 10 k cache is ([\d.]+)×", line)
     rows.append(["replay-cache lookup, 1 M vs 10 k entries", f"{m.group(1)}×" if m else "-",
-                 "- (fwknopd: digest cache file)", "≤ 2×", v, run_date(sc)])
+                 "fwknopd 94× (0.47 ms per packet at 10 k entries, 44 ms at 1 M: a linear scan; fwknop.md §13(d))",
+                 "≤ 2×", v, run_date(sc)])
     idle = {k: cell(rc, "CPU % of a core", k, "daemon", "CPU % of a core")
             for k in ("one classic door", "100 rotating", "knockd", "fwknop")}
     v, _ = goal(rc, "idle CPU")

@@ -311,7 +311,7 @@ def render(costs: list[dict] | None, idle: dict | None, info: dict[str, str], wh
         top = max(share, key=share.get)
         parts += [f"- At {big['doors']}×{big['keys']} the swap takes {big['total']:.1f} ms median; the largest part"
                   f" is `{top}` ({share[top]:.0f} %). The capture loop does this work between two reads: packets"
-                  " arriving meanwhile wait in the socket buffer (they are not lost unless it fills).", ""]
+                  " arriving meanwhile wait in the packet ring (they are not lost unless it fills).", ""]
         for r in costs:
             if r["error"]:
                 parts += [f"- **{r['doors']}×{r['keys']}: the filter does not fit.** {r['error']}. The interface"
@@ -346,7 +346,7 @@ def render(costs: list[dict] | None, idle: dict | None, info: dict[str, str], wh
                       f" {len(b)} boundar{'y' if len(b) == 1 else 'ies'} of the run; the daemon was busy (over"
                       f" {BUSY * 100:.0f} % of a core per 0.1 s slot) for {', '.join('%.1f s' % x['busy_s'] for x in b)}"
                       " in a row. Its main thread is the capture loop, so for that long no packet is read: a knock"
-                      " or SPA packet arriving then waits (or is dropped if the socket buffer fills under a flood).",
+                      " or SPA packet arriving then waits (or is dropped if the packet ring fills under a flood).",
                       ""]
         rot = next((r for r in idle["rows"] if r["name"] == "spa-rotating"), None)
         base = next((r for r in idle["rows"] if r["name"] == "spa-classic"), None)

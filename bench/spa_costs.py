@@ -11,8 +11,8 @@ In this process (no namespaces; root not needed), like fwknop.md §13(d):
   Columns: the verifier with 1 authorized key and with 1 000 (the hint lookup
   is a dictionary: it should not care); ``SpaReceiver.handle`` (the
   daemon's wrapper: counters, throttled log lines, the nonce remembered); and
-  the daemon's per-packet path on the capture loop without ``recv``
-  (``parse_ip``, ``udp_payload``, ``SpaReceiver.handle``, ``Matcher.feed``)
+  the daemon's per-packet path on the capture loop without the ring read
+  (``fields``, ``udp_payload``, ``SpaReceiver.handle``, ``Matcher.feed_fields``)
   on the raw IPv4/UDP packet;
 * **replay cache** (``spa.replay.ReplayCache``) with 10 k, 100 k and 1 M
   entries (and empty): the ``seen`` lookup the verifier makes, for a nonce
@@ -168,7 +168,8 @@ def expected_reason(name: str) -> str | None:
 
 def per_class(keys: SpaKeys, tmp: Path, n: int, rounds: int, log) -> tuple[list[dict], dict]:
     from spa.matcher import Matcher
-    from spa.packet import parse_ip, udp_payload
+    from spa.knock import address
+    from spa.packet import fields, udp_payload
     from spa.server.spa_receiver import SpaReceiver
 
     quiet = logging.getLogger("spa.server.spa")
@@ -221,10 +222,10 @@ def per_class(keys: SpaKeys, tmp: Path, n: int, rounds: int, log) -> tuple[list[
                 if name == "valid":
                     recv.replay = ReplayCache()
                 for f in frames:
-                    k = parse_ip(f, now)
+                    x = fields(f)
                     payload = udp_payload(f)
-                    recv.handle(payload, k.src, now)
-                    for _e in matcher.feed(k):
+                    recv.handle(payload, address(x[1]), now)
+                    for _e in matcher.feed_fields(*x, now):
                         pass
             return rr * len(frames)
 
