@@ -15,6 +15,7 @@ import os
 import selectors
 import signal
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,13 +54,26 @@ TICK = 1.0
 METRICS_INTERVAL = 5.0
 #: How often junk on the SPA port is summarized in the log (never per packet).
 JUNK_SUMMARY_INTERVAL = 60.0
-#: A classic door completed again by the same source this soon (seconds) after it opened is counted,
-#: not acted on: its grant would move by less than this. A spoofed flood on a knock sequence
-#: completes the same (door, source) many times a second, each a grant and an OPEN SESAME line.
+#: A classic door completed again by the same source within this share of its grant's duration
+#: (and at least REPEAT_HOLDOFF seconds) after it opened is counted, not acted on: the extension
+#: would move the deadline by less than that. A spoofed flood on a knock sequence completes the
+#: same (door, source) many times a second, each a grant, a journal row and an OPEN SESAME line.
+REPEAT_SHARE = 0.1
 REPEAT_HOLDOFF = 1.0
 #: Only doors whose grant lasts at least this long (seconds) hold off repeats: a shorter one
 #: could close within the holdoff, and one-shot command doors run their command at every open, as in knockd.
 REPEAT_MIN_DURATION = 10.0
+
+
+def repeat_holdoff(door: Door) -> float:
+    """How long after an open the same source's next open of ``door`` is only counted (0: never)."""
+    if door.cmd_timeout < REPEAT_MIN_DURATION or not (door.open or door.stop_command or door.stop_command_6):
+        return 0.0
+    return max(REPEAT_HOLDOFF, door.cmd_timeout * REPEAT_SHARE)
+#: The interpreter's thread switch interval while the daemon runs (Python's default is 5 ms). Under a
+#: flood the capture loop never blocks, and the grant worker waits this long for the GIL each time it
+#: comes back from sqlite or libnftables: a batch of grants took tens to hundreds of milliseconds.
+SWITCH_INTERVAL = 0.0005
 
 
 @dataclass
@@ -177,8 +191,8 @@ class Daemon:
         self._signals: list[int] = []
         self.stats: dict[str, int] = {"malformed": 0, "knocks": 0, "opens": 0, "reloads": 0, "reload_failures": 0,
                                       "rotating_reused": 0, "opens_repeated": 0}
-        # (door, source key) -> capture time of its last open (REPEAT_HOLDOFF); pruned when big.
-        self._last_open: dict[tuple[str, int], float] = {}
+        # (door, source key) -> (capture time of its last open, its holdoff); pruned when big.
+        self._last_open: dict[tuple[str, int], tuple[float, float]] = {}
         self._repeats_logged = 0
         self.event_counts: dict[str, int] = {"stage": 0, "open": 0, "timeout": 0, "reset": 0}
         self.started = time.time()
@@ -296,6 +310,7 @@ class Daemon:
 
     def run(self) -> None:
         """Until SIGTERM or SIGINT."""
+        sys.setswitchinterval(SWITCH_INTERVAL)
         next_tick = time.monotonic() + TICK
         while True:
             timeout = max(0.0, next_tick - time.monotonic())
@@ -339,8 +354,8 @@ class Daemon:
         repeats = self.stats["opens_repeated"] - self._repeats_logged
         if repeats:
             self._repeats_logged = self.stats["opens_repeated"]
-            log.warning("%d repeated open(s) not acted on: a door completed again by the same source within %g s"
-                        " (a spoofed flood on a knock sequence?)", repeats, REPEAT_HOLDOFF)
+            log.warning("%d repeated open(s) not acted on: a door completed again by the same source soon after"
+                        " it opened (a spoofed flood on a knock sequence?)", repeats)
         if time.monotonic() >= self._next_metrics:
             self._next_metrics = time.monotonic() + METRICS_INTERVAL
             self.publish()
@@ -478,15 +493,16 @@ class Daemon:
         door = self.runtime.doors.get(e.door)
         if door is None:
             return True
-        if door.cmd_timeout >= REPEAT_MIN_DURATION and (door.open or door.stop_command or door.stop_command_6):
+        holdoff = repeat_holdoff(door)
+        if holdoff:
             key = (e.door, e.key)
             last = self._last_open.get(key)
-            if last is not None and 0.0 <= now - last < REPEAT_HOLDOFF:
+            if last is not None and 0.0 <= now - last[0] < last[1]:
                 self.stats["opens_repeated"] += 1
                 return False
             if len(self._last_open) >= 65536:
-                self._last_open = {k: t for k, t in self._last_open.items() if 0.0 <= now - t < REPEAT_HOLDOFF}
-            self._last_open[key] = now
+                self._last_open = {k: v for k, v in self._last_open.items() if 0.0 <= now - v[0] < v[1]}
+            self._last_open[key] = (now, holdoff)
         self.stats["opens"] += 1
         grant = door_grant(door, e.source)
         onetime = self.runtime.onetime.get(door.name)

@@ -216,8 +216,9 @@ class GrantManager:
             assert self.native is not None
             now = self._clock()
             pairs: list[tuple[ActiveGrant, ActiveGrant | None]] = []
+            entries = self.journal.get_many([(g.door, g.address) for g in native])
             for g in native:
-                entry = self.journal.get(g.door, g.address)
+                entry = entries.get((g.door, str(g.address)))
                 previous = entry.grant if entry is not None and not entry.closing else None
                 pairs.append((regrant(previous, g, now), previous))
             # An SPA nonce must be on disk before the firewall opens (a replay

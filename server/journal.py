@@ -140,6 +140,24 @@ class Journal:
             ).fetchone()
         return self._entry(row) if row else None
 
+    def get_many(self, keys: list[tuple[str, object]]) -> dict[tuple[str, str], JournalEntry]:
+        """The entries of several (door, address) pairs in a few queries, keyed by (door, str(address))."""
+        wanted = sorted({(door, str(address)) for door, address in keys})
+        out: dict[tuple[str, str], JournalEntry] = {}
+        with self._lock:
+            for i in range(0, len(wanted), 400):  # well under SQLite's bound on parameters
+                chunk = wanted[i:i + 400]
+                # A join on the listed pairs: one primary-key search each (an IN over row values scans).
+                columns = ", ".join(f"g.{c.strip()}" for c in self._COLUMNS.split(","))
+                rows = self._db.execute(
+                    f"SELECT {columns} FROM (VALUES {','.join(['(?, ?)'] * len(chunk))}) AS w"
+                    " JOIN grants AS g ON g.door = w.column1 AND g.address = w.column2",
+                    [x for pair in chunk for x in pair],
+                ).fetchall()
+                for row in rows:
+                    out[(row[0], row[1])] = self._entry(row)
+        return out
+
     def all(self) -> list[JournalEntry]:
         with self._lock:
             rows = self._db.execute(f"SELECT {self._COLUMNS} FROM grants ORDER BY deadline").fetchall()

@@ -43,3 +43,16 @@ def test_claim_close_once_and_respects_extension(tmp_path):
     j.delete("ssh", "192.0.2.2")
     assert j.get("ssh", "192.0.2.2") is None
     j.delete("ssh", "192.0.2.2")  # idempotent
+
+
+def test_get_many_finds_exactly_the_pairs_asked_for_in_chunks(tmp_path):
+    j = Journal(tmp_path / "state")
+    for i in range(900):
+        j.put(_g(door="ssh" if i % 2 else "web", addr=f"198.51.{100 + i // 250}.{i % 250 + 1}"), "nft")
+    keys = [(door, f"198.51.{100 + i // 250}.{i % 250 + 1}") for i in range(900) for door in ("ssh", "web")]
+    got = j.get_many([(d, Grant.create(d, a, "22/tcp", 5).address) for d, a in keys])
+    assert len(got) == 900  # each address holds one of the two doors, in more than one chunk of pairs
+    for (door, addr), entry in got.items():
+        assert (entry.grant.door, str(entry.grant.address)) == (door, addr)
+        assert j.get(door, entry.grant.address) == entry
+    assert j.get_many([]) == {} and j.get_many([("ssh", "203.0.113.1")]) == {}

@@ -1,4 +1,4 @@
-"""A door completed again by the same source within REPEAT_HOLDOFF: counted, not acted on, not logged.
+"""A door completed again by the same source soon after it opened: counted, not acted on, not logged.
 
 The daemon is built for real; its edges are fakes: a capture whose ``read``
 hands over the packets under test and a grant manager that records what it
@@ -14,7 +14,7 @@ import struct
 import pytest
 
 from spa.config import parse_config
-from spa.server.daemon import REPEAT_HOLDOFF, Daemon, Runtime, Settings
+from spa.server.daemon import REPEAT_SHARE, Daemon, Runtime, Settings
 
 HERE = ipaddress.ip_address("192.0.2.1")
 CONF = """
@@ -93,14 +93,15 @@ def _knock(d: Daemon, src: str, ports: tuple[int, ...], t: float, seq0: int = 0)
 def test_a_repeat_within_the_holdoff_is_counted_not_granted_nor_logged(daemon, caplog):
     caplog.set_level(logging.INFO)
     seq = (7000, 8000, 9000)
+    holdoff = 30 * REPEAT_SHARE  # [long] lasts 30 s: a re-knock within 3 s would move its deadline by less
     _knock(daemon, "198.51.100.7", seq, 100.0)
-    _knock(daemon, "198.51.100.7", seq, 100.0 + REPEAT_HOLDOFF / 2, seq0=10)
+    _knock(daemon, "198.51.100.7", seq, 100.0 + holdoff * 0.9, seq0=10)
     assert [str(g.address) for g in daemon.manager.submitted] == ["198.51.100.7"]
     assert daemon.stats["opens_repeated"] == 1 and daemon.event_counts["open"] == 2
     assert caplog.text.count("OPEN SESAME") == 1
     # Another source is another open; the same source after the holdoff opens again.
-    _knock(daemon, "198.51.100.8", seq, 100.0 + REPEAT_HOLDOFF / 2, seq0=20)
-    _knock(daemon, "198.51.100.7", seq, 100.0 + REPEAT_HOLDOFF * 1.5, seq0=30)
+    _knock(daemon, "198.51.100.8", seq, 100.0 + holdoff * 0.9, seq0=20)
+    _knock(daemon, "198.51.100.7", seq, 100.0 + holdoff * 1.1, seq0=30)
     assert [str(g.address) for g in daemon.manager.submitted] == ["198.51.100.7", "198.51.100.8", "198.51.100.7"]
     assert caplog.text.count("OPEN SESAME") == 3
     daemon._tick()
