@@ -60,7 +60,7 @@ class _Recorder:
         self.journal = SimpleNamespace(remember=lambda entries: None)
         self.native = None
 
-    def submit(self, grant, nonce=None, *, nonce_first=True) -> None:
+    def submit(self, grant, nonce=None, *, nonce_first=True, defer=False) -> None:
         self.submitted += 1
 
     def reserve(self, nonce, until) -> None: ...

@@ -35,7 +35,7 @@ from spa.filter import capture_expression
 from spa.server import netlink
 from spa.server.bpf import DROP_ALL, FilterError, compile_filter
 from spa.server.capture import ANY, Capture
-from spa.server.grants import GrantManager
+from spa.server.grants import DEFER_DELAY, GrantManager
 from spa.server.logs import Names, Throttle, events
 from spa.server.onetime import OneTimeSequences
 from spa.server.sdnotify import Notifier
@@ -63,6 +63,10 @@ REPEAT_HOLDOFF = 1.0
 #: Only doors whose grant lasts at least this long (seconds) hold off repeats: a shorter one
 #: could close within the holdoff, and one-shot command doors run their command at every open, as in knockd.
 REPEAT_MIN_DURATION = 10.0
+#: The interpreter's thread switch interval while the daemon runs (Python's default is 5 ms). Under a
+#: flood the capture loop never blocks, and the grant worker waits this long for the GIL each time it
+#: comes back from sqlite or libnftables: a batch of grants took tens to hundreds of milliseconds.
+SWITCH_INTERVAL = 0.0005
 
 
 def repeat_holdoff(door: Door) -> float:
@@ -70,10 +74,6 @@ def repeat_holdoff(door: Door) -> float:
     if door.cmd_timeout < REPEAT_MIN_DURATION or not (door.open or door.stop_command or door.stop_command_6):
         return 0.0
     return max(REPEAT_HOLDOFF, door.cmd_timeout * REPEAT_SHARE)
-#: The interpreter's thread switch interval while the daemon runs (Python's default is 5 ms). Under a
-#: flood the capture loop never blocks, and the grant worker waits this long for the GIL each time it
-#: comes back from sqlite or libnftables: a batch of grants took tens to hundreds of milliseconds.
-SWITCH_INTERVAL = 0.0005
 
 
 @dataclass
@@ -485,7 +485,7 @@ class Daemon:
                 log.debug("%s: %s: sequence reset at stage %d", who, door, e.stage)
 
     def _opened(self, e: MatchEvent, now: float) -> bool:
-        """Act on a completed door; False when it was a repeat held off (REPEAT_HOLDOFF), True otherwise."""
+        """Act on a completed door; False when it was a repeat held off (``repeat_holdoff``), True otherwise."""
         candidate = rotating_match.parse_name(e.door)
         if candidate is not None:
             self._rotating_opened(candidate, e)
@@ -494,12 +494,15 @@ class Daemon:
         if door is None:
             return True
         holdoff = repeat_holdoff(door)
+        extension = False
         if holdoff:
             key = (e.door, e.key)
             last = self._last_open.get(key)
             if last is not None and 0.0 <= now - last[0] < last[1]:
                 self.stats["opens_repeated"] += 1
                 return False
+            # The grant from the last open is still far from its end: this one may wait for a batch.
+            extension = last is not None and 0.0 <= now - last[0] < door.cmd_timeout - 2 * DEFER_DELAY
             if len(self._last_open) >= 65536:
                 self._last_open = {k: v for k, v in self._last_open.items() if 0.0 <= now - v[0] < v[1]}
             self._last_open[key] = (now, holdoff)
@@ -518,7 +521,7 @@ class Daemon:
             self._io.submit(self._mark_used, door, onetime, line_no, nxt, grant)
             return True
         if grant is not None:
-            self.manager.submit(grant)
+            self.manager.submit(grant, defer=extension)
         return True
 
     def _rotating_opened(self, c: rotating_match.Candidate, e: MatchEvent) -> None:
@@ -641,7 +644,7 @@ class Daemon:
             Metric("spa_grants_active", "gauge", "Grants open now.", {(): active}),
             Metric("spa_grants_total", "counter", "Grants opened or extended.", {(): c["grants_total"]}),
             Metric("spa_repeated_opens_total", "counter",
-                   "Doors completed again by the same source within a second: counted, not acted on.",
+                   "Doors completed again by the same source soon after opening: counted, not acted on.",
                    {(): self.stats["opens_repeated"]}),
             Metric("spa_firewall_operations_total", "counter", "Firewall operations.", {(): c["firewall_ops"]}),
             Metric("spa_firewall_failures_total", "counter", "Firewall operations that failed.",

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 COMMAND = "command"
 #: Grants waiting for the worker; beyond this the oldest are dropped (and counted).
 MAX_PENDING = 65536
+#: Deferred grants (extensions of grants that are open and far from their deadline) wait at most
+#: this long (seconds), or until the next batch goes out anyway: under a spoofed flood on a knock
+#: sequence they are most of the grants, and one transaction for all beats one per few grants.
+DEFER_DELAY = 0.5
 
 
 def describe(g: ActiveGrant) -> str:
@@ -64,6 +68,9 @@ class GrantManager:
         # Keyed by (door, address): a flood of completed knocks from one
         # source collapses into one pending grant; bounded, oldest dropped.
         self._pending: collections.OrderedDict[tuple, Grant] = collections.OrderedDict()
+        # Extensions that may wait (submit(defer=True)) and when they must go out at the latest.
+        self._deferred: collections.OrderedDict[tuple, Grant] = collections.OrderedDict()
+        self._flush_at: float | None = None
         # SPA replay-cache entries of the pending grants: journaled with them.
         self._nonces: list[tuple[bytes, float]] = []
         # Replay entries that may follow their grant to disk (used rotating sequences).
@@ -115,6 +122,9 @@ class GrantManager:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        with self._cond:
+            if self._deferred:
+                self._flush_at = float("-inf")  # nothing waits any more
         self._drain()
         if close_grants:
             for entry in self.journal.all():
@@ -142,15 +152,32 @@ class GrantManager:
             self._reserved.append((nonce, until))
             self._cond.notify()
 
-    def submit(self, grant: Grant, nonce: tuple[bytes, float] | None = None, *, nonce_first: bool = True) -> None:
+    def submit(self, grant: Grant, nonce: tuple[bytes, float] | None = None, *, nonce_first: bool = True,
+               defer: bool = False) -> None:
         """Queue a grant; returns at once (safe from the capture loop).
 
         ``nonce`` is a replay-cache entry ``(nonce, until)``. With
         ``nonce_first`` (SPA) it is on disk before the grant reaches the
         firewall; without (a used rotating sequence, already refused in memory)
         it is written with the grant right after the firewall opens.
+
+        ``defer``: the caller knows the grant extends one that is open and
+        ends more than ``DEFER_DELAY`` from now; it goes out with the next
+        batch, at most ``DEFER_DELAY`` later.
         """
         with self._cond:
+            if defer and nonce is None:
+                if grant.key not in self._pending:
+                    self._deferred.pop(grant.key, None)
+                    self._deferred[grant.key] = grant
+                    while len(self._deferred) > MAX_PENDING:
+                        self._deferred.popitem(last=False)
+                        self.counters["grants_dropped"] += 1
+                    if self._flush_at is None:
+                        self._flush_at = time.monotonic() + DEFER_DELAY
+                        self._cond.notify()
+                return
+            self._deferred.pop(grant.key, None)  # this one supersedes it
             if nonce is not None:
                 (self._nonces if nonce_first else self._late).append(nonce)
             self._pending.pop(grant.key, None)
@@ -423,10 +450,16 @@ class GrantManager:
         while True:
             self._make_durable()
             with self._cond:
-                if not self._pending:
+                flush = self._flush_at is not None and time.monotonic() >= self._flush_at
+                if not self._pending and not flush:
                     return
-                batch = list(self._pending.values())
+                # Deferred extensions ride along with any batch, or go out alone when their time is up.
+                batch = [*self._pending.values(), *self._deferred.values()]
                 self._pending.clear()
+                self._deferred.clear()
+                self._flush_at = None
+                if not batch:
+                    return
                 # Nonces already on disk (reserved ahead) need no journal-first commit.
                 nonces = [n for n in self._nonces if self._durable.pop(n[0], None) is None]
                 late, self._nonces, self._late = self._late, [], []
@@ -445,6 +478,8 @@ class GrantManager:
                     wait = next_repair - time.monotonic()
                     if self._heap:
                         wait = min(wait, self._heap[0][0] - self._clock())
+                    if self._flush_at is not None:
+                        wait = min(wait, self._flush_at - time.monotonic())
                     if wait > 0:
                         self._cond.wait(wait)
                 if self._stopping:

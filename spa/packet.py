@@ -1,10 +1,12 @@
-"""Raw IP headers to a ``Knock``: the capture's hot path, pure and allocation-light.
+"""Raw IP headers to a knock: the capture's hot path, pure and allocation-light.
 
 Input starts at the network header: the capture reads AF_PACKET
 ``SOCK_DGRAM`` sockets, which strip the link layer on every link type.
-Anything that is not a TCP or UDP packet we can read completely, is
-truncated, is malformed, or is a non-first fragment gives ``None``; no input
-makes ``parse_ip`` raise.
+``fields`` gives the numbers the capture loop matches on (no object built);
+``parse_ip`` wraps them in a ``Knock`` with address objects. Anything that is
+not a TCP or UDP packet we can read completely, is truncated (unless the
+capture says so: ``Truncated``), is malformed, or is a non-first fragment
+gives ``None``; no input makes either raise.
 
 A packet whose source is unspecified (``0.0.0.0``, ``::``) or multicast
 (also as an IPv4-mapped IPv6 address) gives ``None`` too: no grant can ever
@@ -16,7 +18,8 @@ step raise on the capture loop (found by tests/fuzz).
 from __future__ import annotations
 
 import struct
-from spa.knock import Knock, address
+
+from spa.knock import V6_KEY, Knock, address
 
 __all__ = ["fields", "parse_ip", "udp_payload", "Truncated", "MAX_IPV6_EXTENSION_HEADERS"]
 
@@ -43,7 +46,6 @@ _ZERO6 = bytes(16)
 _MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 
 _V4_NO_OPTIONS = 0x45
-_V6_KEY = 1 << 128
 
 
 class Truncated(bytes):
@@ -177,7 +179,8 @@ def fields(data: bytes | bytearray | memoryview) -> tuple[int, int, int, int, in
     else:
         return None
     if version == 6:
-        return proto, int.from_bytes(src, "big") | _V6_KEY, int.from_bytes(dst, "big") | _V6_KEY, sport, dport, flags, seq  # type: ignore[arg-type]
+        skey = int.from_bytes(src, "big") | V6_KEY  # type: ignore[arg-type]
+        return proto, skey, int.from_bytes(dst, "big") | V6_KEY, sport, dport, flags, seq  # type: ignore[arg-type]
     return proto, src, dst, sport, dport, flags, seq  # type: ignore[return-value]
 
 

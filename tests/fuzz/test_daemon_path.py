@@ -79,7 +79,7 @@ class FakeManager:
         self.native = None
         self.counters = {"grants_total": 0, "firewall_ops": 0, "firewall_failures": 0, "repairs": 0}
 
-    def submit(self, grant, nonce=None, nonce_first=True) -> None:
+    def submit(self, grant, nonce=None, *, nonce_first=True, defer=False) -> None:
         self.submitted.append((grant, nonce))
 
     def remember(self, entries) -> None:

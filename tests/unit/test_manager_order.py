@@ -103,3 +103,32 @@ def test_a_used_rotating_sequence_follows_its_grant_to_disk(tmp_path):
     finally:
         mgr.stop()
 
+
+
+def test_deferred_extensions_wait_for_a_batch_at_most_the_delay(tmp_path):
+    """Under a spoofed flood most grants extend open ones: they go out together, not one transaction each."""
+    from spa.server.grants import DEFER_DELAY
+
+    mgr, backend = _manager(tmp_path)
+    mgr.start()
+    try:
+        first = Grant.create("knock", "192.0.2.2", "22/tcp", 30)
+        mgr.submit(first)
+        assert _wait(lambda: len(backend.opens) == 1)
+        # Alone, deferred grants go out once their delay is up, all in one transaction.
+        t0 = time.monotonic()
+        for i in range(2, 12):
+            mgr.submit(Grant.create("knock", f"192.0.2.{i}", "22/tcp", 30), defer=True)
+        assert _wait(lambda: mgr.counters["grants_total"] == 11)
+        assert time.monotonic() - t0 >= DEFER_DELAY * 0.9 and len(backend.opens) == 2
+        # With an urgent grant they ride along at once.
+        mgr.submit(Grant.create("knock", "192.0.2.20", "22/tcp", 30), defer=True)
+        t0 = time.monotonic()
+        mgr.submit(Grant.create("knock", "192.0.2.21", "22/tcp", 30))
+        assert _wait(lambda: mgr.counters["grants_total"] == 13)
+        assert time.monotonic() - t0 < DEFER_DELAY and len(backend.opens) == 3
+        # A deferred grant pending at stop still goes out.
+        mgr.submit(Grant.create("knock", "192.0.2.30", "22/tcp", 30), defer=True)
+    finally:
+        mgr.stop(close_grants=False)
+    assert mgr.journal.get("knock", Grant.create("knock", "192.0.2.30", "22/tcp", 30).address) is not None

@@ -36,11 +36,13 @@ CONF = """
 class Recorder:
     def __init__(self) -> None:
         self.submitted: list = []
+        self.deferred: list[bool] = []
         self.counters: dict[str, int] = {}
         self.native = None
 
-    def submit(self, grant, nonce=None, *, nonce_first=True) -> None:
+    def submit(self, grant, nonce=None, *, nonce_first=True, defer=False) -> None:
         self.submitted.append(grant)
+        self.deferred.append(defer)
 
     def reserve(self, nonce, until) -> None: ...
 
@@ -103,6 +105,8 @@ def test_a_repeat_within_the_holdoff_is_counted_not_granted_nor_logged(daemon, c
     _knock(daemon, "198.51.100.8", seq, 100.0 + holdoff * 0.9, seq0=20)
     _knock(daemon, "198.51.100.7", seq, 100.0 + holdoff * 1.1, seq0=30)
     assert [str(g.address) for g in daemon.manager.submitted] == ["198.51.100.7", "198.51.100.8", "198.51.100.7"]
+    # The third extends a grant with most of its 30 s left: it may wait for the grant worker's next batch.
+    assert daemon.manager.deferred == [False, False, True]
     assert caplog.text.count("OPEN SESAME") == 3
     daemon._tick()
     assert "1 repeated open(s) not acted on" in caplog.text
