@@ -38,9 +38,11 @@ COMMAND = "command"
 #: Grants waiting for the worker; beyond this the oldest are dropped (and counted).
 MAX_PENDING = 65536
 #: Deferred grants (extensions of grants that are open and far from their deadline) wait at most
-#: this long (seconds), or until the next batch goes out anyway: under a spoofed flood on a knock
-#: sequence they are most of the grants, and one transaction for all beats one per few grants.
+#: this long (seconds) and then go out together: under a spoofed flood on a knock sequence they are
+#: most of the grants, and a few large transactions cost much less than one per few grants.
 DEFER_DELAY = 0.5
+#: Deferred grants go out this many to a transaction, so that a new grant never waits long behind them.
+DEFER_CHUNK = 64
 
 
 def describe(g: ActiveGrant) -> str:
@@ -162,8 +164,9 @@ class GrantManager:
         it is written with the grant right after the firewall opens.
 
         ``defer``: the caller knows the grant extends one that is open and
-        ends more than ``DEFER_DELAY`` from now; it goes out with the next
-        batch, at most ``DEFER_DELAY`` later.
+        ends more than ``DEFER_DELAY`` from now; it goes out ``DEFER_DELAY``
+        later at most, with the other deferred ones, ``DEFER_CHUNK`` to a
+        transaction. A grant not deferred goes first.
         """
         with self._cond:
             if defer and nonce is None:
@@ -450,15 +453,18 @@ class GrantManager:
         while True:
             self._make_durable()
             with self._cond:
-                flush = self._flush_at is not None and time.monotonic() >= self._flush_at
-                if not self._pending and not flush:
-                    return
-                # Deferred extensions ride along with any batch, or go out alone when their time is up.
-                batch = [*self._pending.values(), *self._deferred.values()]
-                self._pending.clear()
-                self._deferred.clear()
-                self._flush_at = None
-                if not batch:
+                if self._pending:
+                    batch = list(self._pending.values())
+                    self._pending.clear()
+                elif self._flush_at is not None and time.monotonic() >= self._flush_at:
+                    # Deferred extensions in chunks: a new grant arriving meanwhile waits for one chunk at most.
+                    batch = [self._deferred.popitem(last=False)[1]
+                             for _ in range(min(DEFER_CHUNK, len(self._deferred)))]
+                    if not self._deferred:
+                        self._flush_at = None
+                    if not batch:
+                        return
+                else:
                     return
                 # Nonces already on disk (reserved ahead) need no journal-first commit.
                 nonces = [n for n in self._nonces if self._durable.pop(n[0], None) is None]

@@ -39,12 +39,8 @@ from spa.knock import Knock, TcpFlags, address, key_of
 DEFAULT_MAX_ATTEMPTS = 65536
 
 TCP, UDP = 6, 17
+# A (protocol, port) step is one int, protocol << 16 | port: what a packet is looked up by.
 _PROTO_NUMBERS = {"tcp": TCP, "udp": UDP}
-
-
-def step_key(proto: str, port: int) -> int:
-    """A (protocol, port) step as one int: what a packet is looked up by."""
-    return _PROTO_NUMBERS[proto] << 16 | port
 
 
 class DoorLike(Protocol):
@@ -106,7 +102,8 @@ class _Door:
     def __init__(self, door: MatchDoor) -> None:
         self.door = door
         self.name = door.name
-        self.steps = tuple(step_key(s.proto, s.port) for s in door.sequence)
+        numbers = _PROTO_NUMBERS
+        self.steps = tuple(numbers[s.proto] << 16 | s.port for s in door.sequence)
         self.length = len(self.steps)
         self.timeout = door.seq_timeout
         # knockd: a TCP packet whose flags fail the door's test is invisible to that door.
@@ -148,7 +145,6 @@ class Matcher:
         self._doors: dict[str, MatchDoor] = {}
         self._first: dict[int, tuple[_Door, ...]] = {}
         self._step_keys: frozenset[int] = frozenset()
-        self._steps: frozenset[tuple[str, int]] = frozenset()
         self._min_timeout = 0.0
         self._local: frozenset[int] | None = None
         self.local_addresses = frozenset(local_addresses) if local_addresses is not None else None
@@ -165,12 +161,16 @@ class Matcher:
                 self._drop(key[0], key[1])
         self._doors = new
         first: dict[int, list[_Door]] = {}
+        steps: set[int] = set()
         for d in new.values():
-            if d.sequence:
-                first.setdefault(step_key(d.sequence[0].proto, d.sequence[0].port), []).append(_Door(d))
+            c = _Door(d)
+            steps.update(c.steps)
+            if d.guards:
+                steps.update(_PROTO_NUMBERS[g.proto] << 16 | g.port for g in d.guards)
+            if c.length:
+                first.setdefault(c.steps[0], []).append(c)
         self._first = {k: tuple(v) for k, v in first.items()}
-        self._steps = frozenset((s.proto, s.port) for d in new.values() for s in (*d.sequence, *d.guards))
-        self._step_keys = frozenset(step_key(p, port) for p, port in self._steps)
+        self._step_keys = frozenset(steps)
         self._min_timeout = min((d.seq_timeout for d in new.values()), default=0.0)
 
     @property
@@ -180,7 +180,7 @@ class Matcher:
     @property
     def steps(self) -> frozenset[tuple[str, int]]:
         """Every (protocol, port) some door knocks on: the only packets worth feeding."""
-        return self._steps
+        return frozenset(("tcp" if k >> 16 == TCP else "udp", k & 0xFFFF) for k in self._step_keys)
 
     def __len__(self) -> int:
         return len(self._attempts)

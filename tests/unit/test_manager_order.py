@@ -107,7 +107,7 @@ def test_a_used_rotating_sequence_follows_its_grant_to_disk(tmp_path):
 
 def test_deferred_extensions_wait_for_a_batch_at_most_the_delay(tmp_path):
     """Under a spoofed flood most grants extend open ones: they go out together, not one transaction each."""
-    from spa.server.grants import DEFER_DELAY
+    from spa.server.grants import DEFER_CHUNK, DEFER_DELAY
 
     mgr, backend = _manager(tmp_path)
     mgr.start()
@@ -121,12 +121,17 @@ def test_deferred_extensions_wait_for_a_batch_at_most_the_delay(tmp_path):
             mgr.submit(Grant.create("knock", f"192.0.2.{i}", "22/tcp", 30), defer=True)
         assert _wait(lambda: mgr.counters["grants_total"] == 11)
         assert time.monotonic() - t0 >= DEFER_DELAY * 0.9 and len(backend.opens) == 2
-        # With an urgent grant they ride along at once.
+        # A grant not deferred goes out at once, alone; the deferred one follows on its own time.
         mgr.submit(Grant.create("knock", "192.0.2.20", "22/tcp", 30), defer=True)
         t0 = time.monotonic()
         mgr.submit(Grant.create("knock", "192.0.2.21", "22/tcp", 30))
-        assert _wait(lambda: mgr.counters["grants_total"] == 13)
-        assert time.monotonic() - t0 < DEFER_DELAY and len(backend.opens) == 3
+        assert _wait(lambda: mgr.counters["grants_total"] == 12)
+        assert time.monotonic() - t0 < DEFER_DELAY
+        assert _wait(lambda: mgr.counters["grants_total"] == 13) and len(backend.opens) == 4
+        # Many deferred ones go out DEFER_CHUNK to a transaction.
+        for i in range(DEFER_CHUNK + 5):
+            mgr.submit(Grant.create("knock", f"198.51.100.{i + 1}", "22/tcp", 30), defer=True)
+        assert _wait(lambda: mgr.counters["grants_total"] == 13 + DEFER_CHUNK + 5) and len(backend.opens) == 6
         # A deferred grant pending at stop still goes out.
         mgr.submit(Grant.create("knock", "192.0.2.30", "22/tcp", 30), defer=True)
     finally:
