@@ -216,6 +216,22 @@ def summary_rows(text: str) -> list[list[str]]:
         rows.append(["legit knocks served under 50 k pps floods (all kinds)", f"{ours[0]}/{ours[1]}",
                      f"knockd {theirs[0]}/{theirs[1]}" if theirs[1] else "-",
                      "≥ 99 % (as for SPA; stated here)", "met" if ok else "NOT met", run_date(fl)])
+    # Knock floods at the sender's maximum: served, per kind, ours (open =) beside knockd's row after it.
+    at_max: dict[str, list[str]] = {}
+    for t in tables(fl):
+        for r in t:
+            rate, flood, daemon = r.get("rate sent, pps", ""), r.get("flood", ""), r.get("daemon", "")
+            if not rate.startswith("max") or flood.startswith("random") or not re.match(r"\d+/\d+", r.get("served", "")):
+                continue
+            who = "ours" if "open = 22/tcp" in daemon else "knockd" if "knockd" in daemon else ""
+            if who:
+                at_max.setdefault(who, []).append(f"{flood.split(' (')[0]} {r['served']} at {rate[5:]} pps")
+    if at_max.get("ours"):
+        served = [re.search(r"(\d+)/(\d+)", x) for x in at_max["ours"]]
+        whole = all(m and m.group(1) == m.group(2) for m in served)
+        rows.append(["legit knocks served at the sender's maximum (spoofed sources)", "; ".join(at_max["ours"]),
+                     "knockd " + "; ".join(at_max.get("knockd", ["-"])), "100 % (never starved)",
+                     "met" if whole else "NOT met", run_date(fl)])
     v, line = goal(sf)
     m = re.search(r"(\d+)/(\d+) legitimate", line)
     fw = next((r["got through"] for tb in tables(sf) for r in tb
