@@ -8,9 +8,11 @@ WireGuard, loopback), which is what the filter (compiled for raw IP) and
 *received* by the host: outgoing copies go to ``ETH_P_ALL`` taps alone.
 
 Every socket is opened as ``socket(AF_PACKET, SOCK_DGRAM, 0)`` (protocol 0:
-receives nothing), gets the current filter program, and only then is bound
-to ``(ifindex, protocol)``: no unfiltered packet is ever queued. ``any``
-binds to ifindex 0 (every interface, present and future).
+receives nothing), gets its receive ring (``spa.server.ring``: packets are
+read from shared memory, no system call each) and the current filter
+program, and only then is bound to ``(ifindex, protocol)``: no unfiltered
+packet is ever queued. ``any`` binds to ifindex 0 (every interface, present
+and future).
 
 Unlike knockd, an interface that goes down, disappears or does not exist yet
 is not fatal: ``read()`` never raises for a socket error; it logs the outage
@@ -68,7 +70,7 @@ _OTHERHOST_GUARD: list[Insn] = [
 ]
 _BPF_MAXINSNS = 4096
 
-#: recv errors that mean the interface went away (down, deleted, moved to another namespace).
+#: Socket errors that mean the interface went away (down, deleted, moved to another namespace).
 DOWN_ERRNOS = frozenset({errno.ENETDOWN, errno.ENXIO, errno.ENODEV, errno.ENETUNREACH, errno.EIO})
 
 _SO_ERROR = socket.SO_ERROR
@@ -140,7 +142,7 @@ class Capture:
         self._ifaces = {name: _Iface(name) for name in names}
         # socket -> (interface, its receive ring)
         self._by_sock: dict[socket.socket, tuple[_Iface, Ring]] = {}
-        #: packets, bytes, read_errors, reopens, kernel_packets, kernel_drops
+        #: packets, read_errors, reopens, kernel_packets, kernel_drops
         self.stats: Counter[str] = Counter()
         #: Bumped whenever the set of open sockets changes.
         self.version = 0
