@@ -304,7 +304,7 @@ def cache_scaling(keys: SpaKeys, tmp: Path, sizes: tuple[int, ...], probes: int,
 
 
 CLASS_HEAD = ["packet", "reason", "Verifier.check µs, 1 key", f"Verifier.check µs, {MANY_KEYS} keys",
-              "SpaReceiver.handle µs", "loop path µs (no recv)", "≈ packets/s per core (loop path)",
+              "SpaReceiver.handle µs", "loop path µs (no ring read)", "≈ packets/s per core (loop path)",
               "fwknopd µs (fwknop.md §13(d))"]
 CACHE_HEAD = ["entries", "lookup, absent nonce, ns", "× 10 k", "lookup, present nonce, ns", "× 10 k",
               "replay check µs", "× 10 k", "valid check µs", "× 10 k", "memory per entry, bytes"]
@@ -370,8 +370,8 @@ def render_section(classes: list[dict], cache: list[dict], info: dict[str, str],
         f"{REPEATS} runs (other jobs on a shared machine only add time), garbage collector off during a run. Each",
         "class was first checked to give its reason.",
         "*SpaReceiver.handle*: the daemon's wrapper (counts, throttled log lines; an accepted nonce is",
-        "remembered). *Loop path*: what the capture loop does per SPA-port packet apart from `recv`:",
-        "`parse_ip` and `udp_payload` on the raw IPv4/UDP packet, `SpaReceiver.handle`, `Matcher.feed`.",
+        "remembered). *Loop path*: what the capture loop does per SPA-port packet apart from reading it from",
+        "the ring: `fields` and `udp_payload` on the raw IPv4/UDP packet, `SpaReceiver.handle`, `Matcher.feed_fields`.",
         "",
         markdown_table(CLASS_HEAD, class_rows(classes)),
         "",
@@ -411,8 +411,8 @@ def render_section(classes: list[dict], cache: list[dict], info: dict[str, str],
                          f" {by['valid']['loop_us']:.0f} µs on the loop path.")
         lp = max(classes, key=lambda r: r["loop_us"] if r["name"] not in ("valid", "signature") else 0)
         parts.append(f"- **On the capture loop** the costliest flood packet is *{lp['label']}* at"
-                     f" {lp['loop_us']:.1f} µs without `recv` (about {1e6 / lp['loop_us']:,.0f} per second on one"
-                     " core, before the wake-up and `recv` costs); junk costs"
+                     f" {lp['loop_us']:.1f} µs without the ring read (about {1e6 / lp['loop_us']:,.0f} per second"
+                     " on one core, before the wake-up and ring costs); junk costs"
                      f" {by['size']['loop_us']:.1f} µs there.")
     base = next((r for r in cache if r["size"] == BASELINE), None)
     big = max(cache, key=lambda r: r["size"]) if cache else None

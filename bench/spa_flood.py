@@ -450,7 +450,7 @@ def findings(rows: list[Row], n: int) -> list[str]:
                 f" {r.served}/{n} served within {SERVE_LIMIT:g} s, {r.kernel_drops or 0:,} packets dropped by the"
                 f" kernel.** Every such packet passes the hint lookup and is decrypted (XChaCha20-Poly1305)"
                 + (", parsed and timed before the replay cache says no" if kind == "replay" else "")
-                + " (about 10–25 µs on the loop path in *SPA costs*, more in the daemon with the wake-up and `recv`),"
+                + " (about 10–25 µs on the loop path in *SPA costs*, more in the daemon with the wake-up and ring read),"
                 " so 50 k of them a second are about a core of work: the socket buffer fills (its backlog is the"
                 " open latency) and the kernel then drops packets without looking at them, legitimate ones among"
                 f" them. The loop thread was at {r.cpu_loop * 100:.0f} % of a core: this VM has 2 cores, shared with"
@@ -475,8 +475,7 @@ def findings(rows: list[Row], n: int) -> list[str]:
             " up in the replay cache before the AEAD. Only nonces of accepted packets are in the cache, so a packet"
             " that carries one is a replay (or a forgery reusing an accepted nonce) either way, and it would be"
             " dropped for the price of a dictionary lookup instead of a decryption, putting replay floods with the"
-            " cheap junk. Reading the socket in batches (`recvmmsg`) would cut the per-packet wake-up cost for"
-            " known-hint forgeries, which cannot be told from a real packet without the AEAD.")
+            " cheap junk.")
     for d in ("fwknopd-udp", "fwknopd-pcap"):
         fr = [r for r in rows if r.sc.daemon == d and r.sc.kind == "junk"]
         if fr:
