@@ -232,6 +232,15 @@ def summary_rows(text: str) -> list[list[str]]:
         rows.append(["legit knocks served at the sender's maximum (spoofed sources)", "; ".join(at_max["ours"]),
                      "knockd " + "; ".join(at_max.get("knockd", ["-"])), "100 % (never starved)",
                      "met" if whole else "NOT met", run_date(fl)])
+    spa_max = [f"{r['got through']} at {r['rate sent, pps'][5:]} pps ({r['flood'].split(':')[0]})"
+               for t in tables(sf) for r in t
+               if r.get("rate sent, pps", "").startswith("max") and "spa-server" in r.get("daemon", "")
+               and re.match(r"\d+/\d+", r.get("got through", ""))]
+    if spa_max:
+        whole = all(x.split(" ")[0].split("/")[0] == x.split(" ")[0].split("/")[1] for x in spa_max)
+        rows.append(["legit SPA packets through at the sender's maximum", "; ".join(spa_max),
+                     "fwknopd: not run at the maximum (see the 50 k pps row below)",
+                     "100 % (never starved)", "met" if whole else "NOT met", run_date(sf)])
     v, line = goal(sf)
     m = re.search(r"(\d+)/(\d+) legitimate", line)
     fw = next((r["got through"] for tb in tables(sf) for r in tb

@@ -130,6 +130,14 @@ def _unusable_source(version: int, src: int | bytes) -> bool:
 
 def udp_payload(data: bytes | bytearray | memoryview) -> bytes | None:
     """The payload of a UDP datagram (an SPA packet), bounded by the UDP length; None if not one."""
+    if len(data) >= 28 and data[0] == _V4_NO_OPTIONS:
+        # IPv4 without options in one go (a flood on the SPA port is mostly that); the rest below.
+        _, total, frag, proto, _, _ = _IP4.unpack_from(data)
+        if proto == _UDP and 28 <= total <= len(data) and not frag & 0x1FFF:
+            length = _UDP_LEN.unpack_from(data, 24)[0]
+            if _UDP_MIN <= length <= total - 20:
+                return bytes(data[28:20 + length])
+            return None
     found = _locate(data)
     if found is None or found[1] != _UDP:
         return None

@@ -391,3 +391,20 @@ def test_a_truncated_capture_still_gives_its_headers_but_no_payload():
     big6 = ipv6(TCP, tcp(1, 7000, SYN) + b"d" * 2000)
     assert fields(Truncated(big6[:300], len(big6)))[4] == 7000
     assert fields(big6[:300]) is None  # without the wire length, a short packet is malformed
+
+
+def test_udp_payload_is_bounded_by_the_udp_length_on_every_path():
+    from spa.packet import udp_payload
+
+    body = udp(5353, 62201, b"spa" * 90)
+    for pkt in (ipv4(UDP, body), ipv4(UDP, body, ihl=6), ipv6(UDP, body)):
+        assert udp_payload(pkt) == b"spa" * 90
+        assert udp_payload(pkt + b"\0" * 6) == b"spa" * 90  # link padding after the IP packet
+    for length in (0, 7, len(body) + 1):
+        bad = struct.pack("!HHHH", 5353, 62201, length, 0) + body[8:]
+        assert udp_payload(ipv4(UDP, bad)) is None and udp_payload(ipv6(UDP, bad)) is None
+    shorter = struct.pack("!HHHH", 5353, 62201, 8 + 6, 0) + body[8:]
+    assert udp_payload(ipv4(UDP, shorter)) == b"spaspa" == udp_payload(ipv6(UDP, shorter))
+    assert udp_payload(ipv4(UDP, body, frag=0x0010)) is None  # a non-first fragment
+    assert udp_payload(ipv4(UDP, body, total=len(body) + 20 + 1)) is None  # longer than the buffer
+    assert udp_payload(ipv4(TCP, tcp(1, 62201))) is None
