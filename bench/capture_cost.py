@@ -47,7 +47,6 @@ from bench.flooder import build_frames  # noqa: E402
 
 FRAMES = 16384
 REPS = 5
-_FRAME = 1024
 _NET = 80  # where a SOCK_DGRAM frame's network header starts in a TPACKET_V2 ring
 
 
@@ -73,21 +72,22 @@ class _RingCapture:
     """``Capture.read`` over one ring in memory, refilled (statuses set to the user's) before each batch."""
 
     def __init__(self, packets: list[bytes]) -> None:
-        from spa.server.ring import HEADER, TP_STATUS_USER, Ring
+        from spa.server.ring import DEFAULT_FRAME_SIZE, HEADER, TP_STATUS_USER, Ring
 
-        self.mem = mmap.mmap(-1, len(packets) * _FRAME)
+        self.frame = DEFAULT_FRAME_SIZE  # as the daemon's rings
+        self.mem = mmap.mmap(-1, len(packets) * self.frame)
         for i, p in enumerate(packets):
-            base = i * _FRAME
+            base = i * self.frame
             self.mem[base + _NET:base + _NET + len(p)] = p
             HEADER.pack_into(self.mem, base, 0, len(p), len(p), _NET, _NET)
-        self.ring = Ring.over(self.mem, _FRAME)
+        self.ring = Ring.over(self.mem, self.frame)
         self.words = memoryview(self.mem).cast("I")
         self.user = TP_STATUS_USER
         self.sock = object()
 
     def hand_over(self) -> None:
         for i in range(self.ring.frames):
-            self.words[i * _FRAME >> 2] = self.user
+            self.words[i * self.frame >> 2] = self.user
 
     def read(self, sock, max_packets: int = 1024):
         return time.monotonic(), self.ring.read(max_packets)
