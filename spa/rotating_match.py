@@ -104,18 +104,32 @@ def boundaries(doors: Iterable[RotatingDoor], t: float) -> float:
     return nxt
 
 
+# The candidates of the last plan(), by what they were derived from: at a window boundary two of
+# the three accepted windows are the same as before, so only a third is derived again. Holds
+# exactly the last plan's candidates (each call replaces it), so it never grows.
+_planned: dict[tuple, MatchDoor] = {}
+
+
 def plan(doors: Iterable[RotatingDoor], t: float) -> list[MatchDoor]:
     """Every candidate ``MatchDoor`` in force at ``t``, guard ports included (doors that bind the source excluded)."""
+    global _planned
     out = []
+    now: dict[tuple, MatchDoor] = {}
     for d in doors:
         if d.bind_source:
             continue
         for ring in d.rings:
             for kid, secret in ring.valid_at(t):
                 for c in rotating.accepted_counters(t, ring.params.interval):
-                    seq = rotating.derive(secret, d.name, c, ring.params)
-                    out.append(MatchDoor(internal_name(d.name, kid, c), seq, d.seq_timeout, d.tcpflags, d.target,
-                                         guards(seq, ring.params)))
+                    key = (d.name, kid, c, secret, ring.params, d.seq_timeout, d.tcpflags, d.target)
+                    md = _planned.get(key)
+                    if md is None:
+                        seq = rotating.derive(secret, d.name, c, ring.params)
+                        md = MatchDoor(internal_name(d.name, kid, c), seq, d.seq_timeout, d.tcpflags, d.target,
+                                       guards(seq, ring.params))
+                    now[key] = md
+                    out.append(md)
+    _planned = now
     return out
 
 

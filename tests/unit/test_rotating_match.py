@@ -139,3 +139,17 @@ def test_source_bound_ignores_sources_no_grant_can_go_to():
         src = ipaddress.ip_address(bad)
         dst = DST if src.version == 4 else ipaddress.ip_address("2001:db8::1")
         assert bound.feed(Knock(src, dst, "tcp", 1, PARAMS.lo, 0x02, 1, 1.0), 30000.0) == []
+
+
+def test_plan_reuses_the_windows_still_accepted_and_matches_a_fresh_derivation():
+    import spa.rotating_match as rm
+
+    d = door()
+    t = 1_800_000_000.0
+    first = plan([d], t)
+    later = plan([d], t + PARAMS.interval)  # one window on: two of the three candidates carry over
+    kept = {id(m) for m in first} & {id(m) for m in later}
+    assert len(first) == len(later) == 3 and len(kept) == 2
+    rm._planned = {}  # nothing to reuse: everything derived afresh
+    assert plan([d], t + PARAMS.interval) == later
+    assert len(rm._planned) == 3  # holds the last plan only
