@@ -6,7 +6,9 @@ doors × K keys (one secret each, 3 accepted windows: 3·N·K candidates),
 ``Matcher.set_doors``, the step set and ``spa.filter.knock_filter``,
 ``spa.server.bpf.compile_filter`` (libpcap), and ``Capture.set_filter`` on a
 packet socket bound to a veth in a throw-away namespace, for N×K in 1×1,
-10×2, 100×2. Each repetition plans a later window (no cache helps).
+10×2, 100×2. Each repetition plans the next window, as the daemon does at a boundary
+(two of the three accepted windows carry over from the plan before; the
+third is derived afresh).
 
 (b) **CPU of running daemons, idle, 60 s** (``--idle``), all at once, each in
 its own lab: ``spa-server`` with 100 rotating doors × 2 keys (30 s windows:
@@ -302,7 +304,7 @@ def render(costs: list[dict] | None, idle: dict | None, info: dict[str, str], wh
             "**One swap, piece by piece** (in this process, the work of `Daemon.rotate_sequences`: plan the",
             "candidates of N doors × K keys, one secret each, 3 accepted windows; swap them into a `Matcher`; build",
             "the step set and the filter expression; compile it with libpcap; attach it to a packet socket bound to",
-            f"a veth in a namespace. Median of {costs[0]['reps']} repetitions, each for a later window):",
+            f"a veth in a namespace. Median of {costs[0]['reps']} repetitions, each for the next window, as at a boundary):",
             "",
             markdown_table(HEAD_A, rows_a(costs)),
             "",
