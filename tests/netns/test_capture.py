@@ -124,6 +124,27 @@ def test_reads_incoming_v4_and_v6_from_the_ip_header(lab):
         c6.close()
 
 
+def test_a_packet_longer_than_a_ring_frame_keeps_its_headers_and_real_length(lab):
+    """The ring holds 432 bytes of a packet: a bigger knock still counts; its payload is not read whole."""
+    from spa.packet import Truncated, fields, udp_payload
+
+    with in_netns(lab.server), Capture(["veth0"], filter=udp7000()) as cap:
+        c4, c6 = client_udp(lab), client_udp(lab, socket.AF_INET6)
+        c4.sendto(b"big-v4" + b"x" * 1200, (SERVER_V4, 7000))
+        c6.sendto(b"big-v6" + b"y" * 1200, (SERVER_V6, 7000))
+        got = collect(cap, lambda p: has(b"big-v4")(p) and has(b"big-v6")(p))
+        v4 = [p for p in got if b"big-v4" in p]
+        v6 = [p for p in got if b"big-v6" in p]
+        assert len(v4) == 1 and len(v6) == 1
+        assert type(v4[0]) is Truncated and v4[0].wire_len == 20 + 8 + 1206 and len(v4[0]) < v4[0].wire_len
+        assert type(v6[0]) is Truncated and v6[0].wire_len == 40 + 8 + 1206
+        assert fields(v4[0])[3:5] == (c4.getsockname()[1], 7000)
+        assert fields(v6[0])[4] == 7000
+        assert udp_payload(v4[0]) is None and udp_payload(v6[0]) is None
+        c4.close()
+        c6.close()
+
+
 def test_outgoing_packets_are_not_seen(lab):
     with in_netns(lab.server), Capture(["veth0"], filter=ACCEPT_ALL) as cap:
         s4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
