@@ -59,10 +59,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import random
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -77,7 +75,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 from bench import capture_cost  # noqa: E402
 from bench.grant_latency import markdown_table, text_table  # noqa: E402
 from bench.knocklab import (  # noqa: E402
-    Daemon, KnockLab, Knocker, REPO, add_output_args, client_for, door_text, log, machine, need_root,
+    Daemon, FlooderProcess, KnockLab, Knocker, add_output_args, client_for, door_text, log, machine, need_root,
     parse_sequence, unwind_on_sigterm, utc_now, write_section,
 )
 
@@ -159,50 +157,18 @@ def scenarios(quick: bool) -> list[Scenario]:
 # -- the flood process ---------------------------------------------------------------
 
 
-class Flood:
-    """``bench.flooder`` in the client namespace: frames built on start, sent on ``go()``, stopped by ``stop()``."""
-
-    def __init__(self, kl: KnockLab, sc: Scenario, duration: float, procs: int = 1, seed: int = 1):
-        argv = [sys.executable, "-m", "bench.flooder", "--iface", "veth0", "--dst-mac", kl.server_mac,
-                "--duration", f"{duration:g}", "--rate", f"{sc.rate:g}", "--procs", str(procs), "--seed", str(seed),
-                "--wait-start"]
-        if sc.kind == "random":
-            argv += ["--kind", "random", "--exclude", SEQ_PORTS]
-        elif sc.kind == "seq":
-            argv += ["--kind", "ports", "--ports", SEQ_PORTS]
-        elif sc.kind == "first":
-            argv += ["--kind", "ports", "--ports", FIRST_PORT]
-        else:
-            raise ValueError(sc.kind)
-        self.proc = subprocess.Popen(["ip", "netns", "exec", kl.lab.client, *argv], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-
-    def wait_ready(self) -> None:
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if line.strip() != "ready":
-            self.proc.kill()
-            err = self.proc.stderr.read() if self.proc.stderr else ""
-            raise RuntimeError(f"flooder did not start: {line!r} {err[-1000:]}")
-
-    def go(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("\n")
-        self.proc.stdin.flush()
-
-    def stop(self, wait: bool = False) -> dict:
-        """The flooder's result; stops it first unless ``wait`` (then it runs out its duration or count)."""
-        if not wait and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            out, err = self.proc.communicate(timeout=60 if wait else 10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, err = self.proc.communicate(timeout=5)
-            raise RuntimeError(f"flooder did not stop when told: {err[-500:]}")
-        for line in reversed(out.splitlines()):
-            if line.startswith("{"):
-                return json.loads(line)
-        raise RuntimeError(f"flooder gave no result: {err[-1000:]}")
+def flood_process(kl: KnockLab, sc: Scenario, duration: float, procs: int = 1, seed: int = 1) -> FlooderProcess:
+    """The flooder for one scenario (``FlooderProcess``)."""
+    args = ["--duration", f"{duration:g}", "--rate", f"{sc.rate:g}", "--procs", str(procs), "--seed", str(seed)]
+    if sc.kind == "random":
+        args += ["--kind", "random", "--exclude", SEQ_PORTS]
+    elif sc.kind == "seq":
+        args += ["--kind", "ports", "--ports", SEQ_PORTS]
+    elif sc.kind == "first":
+        args += ["--kind", "ports", "--ports", FIRST_PORT]
+    else:
+        raise ValueError(sc.kind)
+    return FlooderProcess(kl, args)
 
 
 def sender_max(seconds: float = 2.0) -> dict[int, float]:
@@ -210,7 +176,7 @@ def sender_max(seconds: float = 2.0) -> dict[int, float]:
     out = {}
     with KnockLab(extra=0, tag="fc") as kl:
         for procs in (1, 2):
-            f = Flood(kl, Scenario("random", 0), seconds, procs=procs)
+            f = flood_process(kl, Scenario("random", 0), seconds, procs=procs)
             f.wait_ready()
             f.go()
             out[procs] = f.stop(wait=True)["pps"]
@@ -309,13 +275,13 @@ def run_row(sc: Scenario, daemon_name: str, quick: bool, log) -> Row:
         flood = None
         if sc.kind != "none":  # frames are built while the daemon starts
             length = memory_secs if sc.memory else WARM + KNOCKS * KNOCK_GAP + SERVE_LIMIT + FLOOD_SLACK
-            flood = Flood(kl, sc, length, procs=MAX_RATE_PROCS if sc.rate == 0 else 1)
+            flood = flood_process(kl, sc, length, procs=MAX_RATE_PROCS if sc.rate == 0 else 1)
         try:
             d = Daemon(kl.lab, kind, config_for(daemon_name))
             row.code = d.code if kind == "spa" else ""
         except BaseException:
             if flood is not None:
-                flood.proc.kill()
+                flood.kill()
             raise
         try:
             if flood is not None:
@@ -357,8 +323,8 @@ def run_row(sc: Scenario, daemon_name: str, quick: bool, log) -> Row:
             row.log_lines_per_s = d.count_newlines(size0) / row.seconds
         except Exception as exc:  # noqa: BLE001 - report the row, keep going
             row.error = f"{type(exc).__name__}: {exc}"
-            if flood is not None and flood.proc.poll() is None:
-                flood.proc.kill()
+            if flood is not None:
+                flood.kill()
         finally:
             settle = d.cleanup()
             if settle > 0.5:

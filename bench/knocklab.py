@@ -265,6 +265,55 @@ class KnockLab:
         return {"packets": int(rx.get("packets", 0)), "dropped": int(rx.get("dropped", 0))}
 
 
+# -- the flood sender ----------------------------------------------------------------------
+
+
+class FlooderProcess:
+    """``bench.flooder`` in the lab's client namespace: frames built on start, sent on ``go()``, ended by ``stop()``.
+
+    ``args`` are the flooder's own options after the interface and MAC
+    (``--kind ...``, ``--duration``, ``--rate`` and the like).
+    """
+
+    def __init__(self, kl: KnockLab, args: list[str]):
+        argv = [sys.executable, "-m", "bench.flooder", "--iface", "veth0", "--dst-mac", kl.server_mac, *args,
+                "--wait-start"]
+        self.proc = subprocess.Popen(["ip", "netns", "exec", kl.lab.client, *argv], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+    def wait_ready(self) -> None:
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if line.strip() != "ready":
+            self.proc.kill()
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise RuntimeError(f"flooder did not start: {line!r} {err[-1000:]}")
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+
+    def stop(self, wait: bool = False) -> dict:
+        """The flooder's result; stops it first unless ``wait`` (then it runs out its duration or count)."""
+        if not wait and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = self.proc.communicate(timeout=60 if wait else 10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate(timeout=5)
+            raise RuntimeError(f"flooder did not stop when told: {err[-500:]}")
+        for line in reversed(out.splitlines()):
+            if line.startswith("{"):
+                return json.loads(line)
+        raise RuntimeError(f"flooder gave no result: {err[-1000:]}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
 # -- the daemon under test ---------------------------------------------------------------
 
 

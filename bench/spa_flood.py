@@ -44,12 +44,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import random
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -61,7 +58,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 from bench.flooder import write_payloads  # noqa: E402
 from bench.grant_latency import markdown_table, text_table  # noqa: E402
 from bench.knocklab import (  # noqa: E402
-    Daemon, KnockLab, REPO, add_output_args, client_for, load_average, log, machine, need_root, unwind_on_sigterm,
+    Daemon, FlooderProcess, KnockLab, add_output_args, client_for, load_average, log, machine, need_root, unwind_on_sigterm,
     utc_now, write_section,
 )
 from bench.spalab import SPA_PORT, Fwknopd, FwknopKeys, SpaKeys, UdpSender, fwknop_version, scratch_dir  # noqa: E402
@@ -158,47 +155,11 @@ def payloads_for(kind: str, keys: SpaKeys | None, rng: random.Random, replayed: 
 # -- the flood process -------------------------------------------------------------------------
 
 
-class PayloadFlood:
-    """``bench.flooder --kind payloads`` in the client namespace: frames built on start, sent on ``go()``."""
-
-    def __init__(self, kl: KnockLab, payload_file: Path, rate: float, duration: float, seed: int = 1):
-        argv = [sys.executable, "-m", "bench.flooder", "--iface", "veth0", "--dst-mac", kl.server_mac,
-                "--kind", "payloads", "--payloads", str(payload_file), "--dport", str(SPA_PORT),
-                "--duration", f"{duration:g}", "--rate", f"{rate:g}", "--procs", "1", "--seed", str(seed),
-                "--wait-start"]
-        self.proc = subprocess.Popen(["ip", "netns", "exec", kl.lab.client, *argv], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-
-    def wait_ready(self) -> None:
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if line.strip() != "ready":
-            self.proc.kill()
-            err = self.proc.stderr.read() if self.proc.stderr else ""
-            raise RuntimeError(f"flooder did not start: {line!r} {err[-1000:]}")
-
-    def go(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("\n")
-        self.proc.stdin.flush()
-
-    def stop(self) -> dict:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            out, err = self.proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.communicate(timeout=5)
-            raise RuntimeError("flooder did not stop when told")
-        for line in reversed(out.splitlines()):
-            if line.startswith("{"):
-                return json.loads(line)
-        raise RuntimeError(f"flooder gave no result: {err[-1000:]}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
+def payload_flood(kl: KnockLab, payload_file: Path, rate: float, duration: float, seed: int = 1) -> FlooderProcess:
+    """``bench.flooder --kind payloads`` at the SPA port (``FlooderProcess``)."""
+    return FlooderProcess(kl, ["--kind", "payloads", "--payloads", str(payload_file), "--dport", str(SPA_PORT),
+                               "--duration", f"{duration:g}", "--rate", f"{rate:g}", "--procs", "1",
+                               "--seed", str(seed)])
 
 
 # -- one row ---------------------------------------------------------------------------------
@@ -308,7 +269,7 @@ def run_row(sc: Scenario, n: int, log) -> Row:
         if sc.kind != "none":
             pfile = tmp / "payloads.bin"
             write_payloads(str(pfile), payloads_for(sc.kind, keys, rng, replayed))
-            flood = PayloadFlood(kl, pfile, sc.rate, WARM + n * GAP + SERVE_LIMIT + SLACK)
+            flood = payload_flood(kl, pfile, sc.rate, WARM + n * GAP + SERVE_LIMIT + SLACK)
         try:
             if fw:
                 fk = FwknopKeys()
