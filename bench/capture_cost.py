@@ -13,7 +13,7 @@ first-port floods of ``bench/flood.py``, with the daemon's doors and log set-up:
   kept as the model the fast one is checked against);
 * *after*: ``fields`` and ``feed_fields`` alone, then the whole ``Daemon._read``
   over a ring in memory laid out as the kernel lays it out (``Ring.over``),
-  grants going to a recorder instead of the firewall.
+  grants going to a recorder instead of the firewall (``tests/daemon_fakes.py``).
 
 Each is timed ``REPS`` times, interleaved, and the best kept (as ``timeit`` does: noise only adds): the ratio
 *before / after* comes from one process on one machine at one time::
@@ -48,24 +48,6 @@ from bench.flooder import build_frames  # noqa: E402
 FRAMES = 16384
 REPS = 5
 _NET = 80  # where a SOCK_DGRAM frame's network header starts in a TPACKET_V2 ring
-
-
-class _Recorder:
-    """Stands in for the grant manager: counts what the loop hands it."""
-
-    def __init__(self) -> None:
-        self.submitted = 0
-        self.counters: dict[str, int] = {}
-        self.journal = SimpleNamespace(remember=lambda entries: None)
-        self.native = None
-
-    def submit(self, grant, nonce=None, *, nonce_first=True, defer=False) -> None:
-        self.submitted += 1
-
-    def reserve(self, nonce, until) -> None: ...
-
-    def active(self) -> list:
-        return []
 
 
 class _RingCapture:
@@ -114,6 +96,7 @@ def measure(doors_text: str, floods: dict[str, str], frames: int = FRAMES, reps:
     from spa.packet import fields, parse_ip
     from spa.server import logs
     from spa.server.daemon import Daemon, Runtime, Settings
+    from tests.daemon_fakes import FakeManager
     from tests.fuzz import reference_matcher
 
     tmp = Path(tempfile.mkdtemp(prefix="spa-capture-cost-"))
@@ -157,7 +140,7 @@ def measure(doors_text: str, floods: dict[str, str], frames: int = FRAMES, reps:
                 counts["opens"] += sum(1 for e in evs if e.kind == "open")
 
             cap = _RingCapture(raw)
-            daemon = Daemon(Settings(), runtime, _Recorder())
+            daemon = Daemon(Settings(), runtime, FakeManager())
             daemon.capture = cap  # type: ignore[assignment]
             daemon.matcher.local_addresses = frozenset({here})
 
@@ -191,7 +174,7 @@ def measure(doors_text: str, floods: dict[str, str], frames: int = FRAMES, reps:
                 "after_us": med["parse"] + med["feed"], "speedup": med["before"] / (med["parse"] + med["feed"]),
                 "ring_us": ring_us, "loop_us": loop_us,
                 "events_per_packet": counts["events"] / len(raw), "opens_per_packet": counts["opens"] / len(raw),
-                "lines_per_packet": lines / (len(raw) * reps), "grants": daemon.manager.submitted / reps,
+                "lines_per_packet": lines / (len(raw) * reps), "grants": len(daemon.manager.submitted) / reps,
             }
             daemon.capture = None
             daemon.close()

@@ -25,6 +25,8 @@ from spa.keytext import AuthorizedKey
 from spa.packet import parse_ip
 from spa.rotating_match import KeyRing, RotatingDoor
 from spa.server.daemon import Daemon, Runtime, Settings
+from tests.daemon_fakes import FakeCapture, FakeManager
+from tests.rawip import SYN, TCP, UDP, ipv4, tcp, udp
 
 from . import strategies as S
 
@@ -67,50 +69,6 @@ CONF = f"""
     Open = 22/tcp
 """
 PARAMS = rotating.Params(interval=30, length=2, lo=20000, hi=20063, proto="mixed")
-
-
-class FakeManager:
-    """What the daemon's packet path uses of ``GrantManager``: ``submit``, ``reserve`` and ``journal.remember``."""
-
-    def __init__(self) -> None:
-        self.submitted: list = []
-        self.remembered: list = []
-        self.journal = self
-        self.native = None
-        self.counters = {"grants_total": 0, "firewall_ops": 0, "firewall_failures": 0, "repairs": 0}
-
-    def submit(self, grant, nonce=None, *, nonce_first=True, defer=False) -> None:
-        self.submitted.append((grant, nonce))
-
-    def remember(self, entries) -> None:
-        self.remembered.extend(entries)
-
-    def reserve(self, nonce, until) -> None:
-        self.remembered.append((nonce, until))
-
-    def active(self) -> list:
-        return []
-
-
-class FakeCapture:
-    """Hands ``_read`` the packets under test as ``Capture.read`` would: one batch, one time (the first one's)."""
-
-    def __init__(self) -> None:
-        self.packets: list[tuple[bytes, float]] = []
-        self.sock = object()
-
-    def read(self, sock):
-        out, self.packets = self.packets, []
-        return (out[0][1] if out else 0.0), [p for p, _t in out]
-
-    def sockets(self):
-        return [self.sock]
-
-    def set_filter(self, insns) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -178,9 +136,7 @@ def spa_datagrams(draw):
             data = bytearray(payload)
             data[draw(st.integers(0, len(data) - 1))] ^= 1 << draw(st.integers(0, 7))
             payload = bytes(data)
-    udp = struct.pack("!HHHH", draw(S.ports), SPA_PORT, 8 + len(payload), 0) + payload
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, src.packed, HERE.packed)
-    return header + udp
+    return ipv4(UDP, udp(draw(S.ports), SPA_PORT, payload), src=str(src), dst=str(HERE))
 
 
 packets = st.one_of(aimed(), spa_datagrams(), st.binary(max_size=120))
@@ -201,10 +157,9 @@ def test_read_never_raises_and_counts_every_packet(daemon, batch, t0):
 
 
 def _knock(src, dport, proto, seq):
-    l4 = (struct.pack("!HHIIBBHHH", 40000, dport, seq, 0, 0x50, 0x02, 1024, 0, 0) if proto == "tcp"
-          else struct.pack("!HHHH", 40000, dport, 8, 0))
-    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 0, 0, 64, 6 if proto == "tcp" else 17, 0,
-                       src.packed, HERE.packed) + l4
+    if proto == "tcp":
+        return ipv4(TCP, tcp(40000, dport, SYN, seq=seq), src=str(src), dst=str(HERE))
+    return ipv4(UDP, udp(40000, dport), src=str(src), dst=str(HERE))
 
 
 @given(st.sampled_from(["0.0.0.0", "224.0.0.1", "239.255.255.250"]).map(ipaddress.IPv4Address))

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import struct
 
 import pytest
 
 from spa.config import parse_config
 from spa.server.daemon import REPEAT_SHARE, Daemon, Runtime, Settings
+from tests.daemon_fakes import FakeCapture, FakeManager
+from tests.rawip import SYN, TCP, ipv4, tcp
 
 HERE = ipaddress.ip_address("192.0.2.1")
 CONF = """
@@ -33,54 +34,11 @@ CONF = """
 """
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.submitted: list = []
-        self.deferred: list[bool] = []
-        self.counters: dict[str, int] = {}
-        self.native = None
-
-    def submit(self, grant, nonce=None, *, nonce_first=True, defer=False) -> None:
-        self.submitted.append(grant)
-        self.deferred.append(defer)
-
-    def reserve(self, nonce, until) -> None: ...
-
-    def active(self) -> list:
-        return []
-
-
-class Capture:
-    def __init__(self) -> None:
-        self.batch: tuple[float, list[bytes]] = (0.0, [])
-        self.sock = object()
-
-    def read(self, sock):
-        out, self.batch = self.batch, (0.0, [])
-        return out
-
-    def sockets(self):
-        return [self.sock]
-
-    def set_filter(self, insns) -> None: ...
-
-    def refresh(self) -> bool:
-        return False
-
-    def close(self) -> None: ...
-
-
-def _syn(src: str, dport: int, seq: int) -> bytes:
-    l4 = struct.pack("!HHIIBBHHH", 40000, dport, seq, 0, 0x50, 0x02, 1024, 0, 0)
-    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 6, 0, ipaddress.ip_address(src).packed,
-                       HERE.packed) + l4
-
-
 @pytest.fixture
 def daemon():
     config = parse_config(CONF, "/nonexistent/knockd.conf")
-    d = Daemon(Settings(), Runtime(config, {x.name: x for x in config.doors}, {}, None, ()), Recorder())
-    d.capture = Capture()
+    d = Daemon(Settings(), Runtime(config, {x.name: x for x in config.doors}, {}, None, ()), FakeManager())
+    d.capture = FakeCapture()
     d.matcher.local_addresses = frozenset({HERE})
     yield d
     d.capture = None
@@ -88,7 +46,8 @@ def daemon():
 
 
 def _knock(d: Daemon, src: str, ports: tuple[int, ...], t: float, seq0: int = 0) -> None:
-    d.capture.batch = (t, [_syn(src, p, seq0 + i) for i, p in enumerate(ports)])
+    d.capture.packets = [(ipv4(TCP, tcp(40000, p, SYN, seq=seq0 + i), src=src, dst=str(HERE)), t)
+                         for i, p in enumerate(ports)]
     d._read(d.capture.sock)
 
 
@@ -98,13 +57,13 @@ def test_a_repeat_within_the_holdoff_is_counted_not_granted_nor_logged(daemon, c
     holdoff = 30 * REPEAT_SHARE  # [long] lasts 30 s: a re-knock within 3 s would move its deadline by less
     _knock(daemon, "198.51.100.7", seq, 100.0)
     _knock(daemon, "198.51.100.7", seq, 100.0 + holdoff * 0.9, seq0=10)
-    assert [str(g.address) for g in daemon.manager.submitted] == ["198.51.100.7"]
+    assert [str(g.address) for g, _ in daemon.manager.submitted] == ["198.51.100.7"]
     assert daemon.stats["opens_repeated"] == 1 and daemon.event_counts["open"] == 2
     assert caplog.text.count("OPEN SESAME") == 1
     # Another source is another open; the same source after the holdoff opens again.
     _knock(daemon, "198.51.100.8", seq, 100.0 + holdoff * 0.9, seq0=20)
     _knock(daemon, "198.51.100.7", seq, 100.0 + holdoff * 1.1, seq0=30)
-    assert [str(g.address) for g in daemon.manager.submitted] == ["198.51.100.7", "198.51.100.8", "198.51.100.7"]
+    assert [str(g.address) for g, _ in daemon.manager.submitted] == ["198.51.100.7", "198.51.100.8", "198.51.100.7"]
     # The third extends a grant with most of its 30 s left: it may wait for the grant worker's next batch.
     assert daemon.manager.deferred == [False, False, True]
     assert caplog.text.count("OPEN SESAME") == 3
@@ -118,5 +77,5 @@ def test_short_grants_and_one_shot_commands_act_on_every_open(daemon):
     for ports in ((7100, 8100, 9100), (7200, 8200, 9200)):
         _knock(daemon, "198.51.100.9", ports, 200.0)
         _knock(daemon, "198.51.100.9", ports, 200.1, seq0=10)
-    assert [g.door for g in daemon.manager.submitted] == ["short", "short", "oneshot", "oneshot"]
+    assert [g.door for g, _ in daemon.manager.submitted] == ["short", "short", "oneshot", "oneshot"]
     assert daemon.stats["opens_repeated"] == 0
