@@ -191,8 +191,8 @@ class Daemon:
         self._signals: list[int] = []
         self.stats: dict[str, int] = {"malformed": 0, "knocks": 0, "opens": 0, "reloads": 0, "reload_failures": 0,
                                       "rotating_reused": 0, "opens_repeated": 0}
-        # (door, source key) -> (capture time of its last open, its holdoff); pruned when big.
-        self._last_open: dict[tuple[str, int], tuple[float, float]] = {}
+        # (door, source key) -> capture time of its last open acted on; pruned of grants long over when big.
+        self._last_open: dict[tuple[str, int], float] = {}
         self._repeats_logged = 0
         self.event_counts: dict[str, int] = {"stage": 0, "open": 0, "timeout": 0, "reset": 0}
         self.started = time.time()
@@ -497,15 +497,18 @@ class Daemon:
         extension = False
         if holdoff:
             key = (e.door, e.key)
-            last = self._last_open.get(key)
-            if last is not None and 0.0 <= now - last[0] < last[1]:
+            age = now - self._last_open.get(key, float("-inf"))
+            if 0.0 <= age < holdoff:
                 self.stats["opens_repeated"] += 1
                 return False
             # The grant from the last open is still far from its end: this one may wait for a batch.
-            extension = last is not None and 0.0 <= now - last[0] < door.cmd_timeout - 2 * DEFER_DELAY
+            extension = 0.0 <= age < door.cmd_timeout - 2 * DEFER_DELAY
             if len(self._last_open) >= 65536:
-                self._last_open = {k: v for k, v in self._last_open.items() if 0.0 <= now - v[0] < v[1]}
-            self._last_open[key] = (now, holdoff)
+                horizon = max(d.cmd_timeout for d in self.runtime.doors.values())
+                self._last_open = {k: t for k, t in self._last_open.items() if 0.0 <= now - t < horizon}
+                if len(self._last_open) >= 65536:
+                    self._last_open = {}  # that many sources at once: forgetting costs each a grant, no more
+            self._last_open[key] = now
         self.stats["opens"] += 1
         grant = door_grant(door, e.source)
         onetime = self.runtime.onetime.get(door.name)

@@ -79,3 +79,13 @@ def test_short_grants_and_one_shot_commands_act_on_every_open(daemon):
         _knock(daemon, "198.51.100.9", ports, 200.1, seq0=10)
     assert [g.door for g, _ in daemon.manager.submitted] == ["short", "short", "oneshot", "oneshot"]
     assert daemon.stats["opens_repeated"] == 0
+
+
+def test_the_record_of_last_opens_stays_bounded(daemon):
+    """A flood of completions from ever-new sources cannot grow the holdoff record past its bound."""
+    seq = (7000, 8000, 9000)
+    for i in range(3):
+        _knock(daemon, f"198.51.100.{i + 1}", seq, 300.0)
+    daemon._last_open.update({("long", k): 300.0 for k in range(65536)})  # as if that many had opened
+    _knock(daemon, "198.51.100.50", seq, 300.5)
+    assert len(daemon._last_open) <= 1 and len(daemon.manager.submitted) == 4
