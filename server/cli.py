@@ -117,6 +117,7 @@ def main(interfaces, config_path, daemon, debug, verbose, lookup, pidfile, logfi
         d.notifier.stopping()
         d.close()
         manager.stop(close_grants=True)
+        manager.journal.end_session()  # everything on disk: the next start need not refuse older SPA packets
         for path in (settings.status_file,):
             try:
                 os.unlink(path)  # status.json says "running"; a stopped daemon leaves none

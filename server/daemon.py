@@ -36,6 +36,7 @@ from spa.server import netlink
 from spa.server.bpf import DROP_ALL, FilterError, compile_filter
 from spa.server.capture import ANY, Capture
 from spa.server.grants import DEFER_DELAY, GrantManager
+from spa.server.journal import boot_id
 from spa.server.logs import Names, Throttle, events
 from spa.server.onetime import OneTimeSequences
 from spa.server.sdnotify import Notifier
@@ -201,7 +202,9 @@ class Daemon:
         self.notifier = Notifier()
         self._throttle = Throttle()
         self.replay = ReplayCache()
-        self.spa: SpaReceiver | None = SpaReceiver(runtime.verifier, self.replay, manager.reserve) if runtime.verifier else None
+        #: SPA packets made before this time are refused (set by ``start`` after the machine went down under us).
+        self.spa_not_before = 0.0
+        self.spa: SpaReceiver | None = SpaReceiver(runtime.verifier, self.replay) if runtime.verifier else None
         self._next_junk_summary = 0.0
         self._next_rotation = rotating_match.boundaries(runtime.rotating, time.time())
 
@@ -217,8 +220,20 @@ class Daemon:
 
     def start(self) -> None:
         # Replays stay refused across restarts (and reboots, with StateDir on disk).
-        for nonce, until in self.manager.journal.replay_entries(time.time()):
+        journal = self.manager.journal
+        now = time.time()
+        for nonce, until in journal.replay_entries(now):
             self.replay.add(nonce, until)
+        if journal.begin_session(boot_id()):
+            # Nonces are written ahead of their grants without an fsync: after the machine
+            # went down under us the last few may be lost, so nothing made before now is taken.
+            self.spa_not_before = now
+        if self.spa_not_before and self.spa is not None:
+            log.warning("the previous run ended without a clean stop and the machine has restarted since: "
+                        "SPA packets made before %s are refused (a nonce written just before may be lost)",
+                        time.strftime("%H:%M:%S", time.localtime(now)))
+        if self.spa is not None:
+            self.spa.verifier.not_before = self.spa_not_before
         self.monitor = netlink.Monitor()
         self.capture = Capture(self.interfaces, ipv6=not self.settings.only_ipv4)
         self.refresh_addresses()
@@ -598,10 +613,12 @@ class Daemon:
         self._next_rotation = rotating_match.boundaries(new.rotating, time.time())
         if new.verifier is None:
             self.spa = None
-        elif self.spa is None:
-            self.spa = SpaReceiver(new.verifier, self.replay, self.manager.reserve)
         else:
-            self.spa.verifier = new.verifier  # the replay cache and counters carry over
+            new.verifier.not_before = self.spa_not_before
+            if self.spa is None:
+                self.spa = SpaReceiver(new.verifier, self.replay)
+            else:
+                self.spa.verifier = new.verifier  # the replay cache and counters carry over
         self.matcher.set_doors(new.match_doors())
         self.bound = SourceBound(new.rotating, local_addresses=self.matcher.local_addresses)
         self.refresh_addresses()

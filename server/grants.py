@@ -6,10 +6,11 @@ thread does the firewall work, closes grants at their deadlines and
 periodically checks that the firewall still holds what we put there
 (fail2ban's check/repair), putting it back when someone flushed the ruleset.
 
-The journal is the truth about what is open. A command grant, and any grant
-that carries an SPA nonce, is written there before the firewall is touched;
-other native grants (nft, iptables) right after, because the kernel holds
-their deadline anyway (see ``grant_many``). At start-up ``reconcile()``
+The journal is the truth about what is open. A command grant is written
+there before the firewall is touched; native grants (nft, iptables) right
+after, because the kernel holds their deadline anyway (see ``grant_many``).
+An SPA grant's nonce is committed before the firewall opens, without waiting
+for the disk (``Journal.remember(durable=False)``). At start-up ``reconcile()``
 closes what is overdue and reschedules the rest, so after ``kill -9`` a grant stays open no
 longer than its deadline (nft and iptables: the kernel stops matching at the
 deadline) or until the next start (command backend).
@@ -73,13 +74,10 @@ class GrantManager:
         # Extensions that may wait (submit(defer=True)) and when they must go out at the latest.
         self._deferred: collections.OrderedDict[tuple, Grant] = collections.OrderedDict()
         self._flush_at: float | None = None
-        # SPA replay-cache entries of the pending grants: journaled with them.
+        # SPA replay-cache entries of the pending grants: committed before they open.
         self._nonces: list[tuple[bytes, float]] = []
         # Replay entries that may follow their grant to disk (used rotating sequences).
         self._late: list[tuple[bytes, float]] = []
-        # Nonces to make durable ahead of their grant (reserve()), and those already on disk.
-        self._reserved: list[tuple[bytes, float]] = []
-        self._durable: dict[bytes, float] = {}
         self._heap: list[tuple[float, str, str]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -141,25 +139,12 @@ class GrantManager:
 
     # -- granting ------------------------------------------------------------
 
-    def reserve(self, nonce: bytes, until: float) -> None:
-        """Start writing an SPA nonce to the journal before its grant is decided (safe from the capture loop).
-
-        The capture loop calls this just before the signature check, so the
-        fsync runs while the signature is verified; the grant that follows
-        then finds its nonce on disk and opens at once. A nonce reserved for a
-        packet that is refused after all stays in the replay table until its
-        window ends: harmless, only such a packet could carry it.
-        """
-        with self._cond:
-            self._reserved.append((nonce, until))
-            self._cond.notify()
-
     def submit(self, grant: Grant, nonce: tuple[bytes, float] | None = None, *, nonce_first: bool = True,
                defer: bool = False) -> None:
         """Queue a grant; returns at once (safe from the capture loop).
 
         ``nonce`` is a replay-cache entry ``(nonce, until)``. With
-        ``nonce_first`` (SPA) it is on disk before the grant reaches the
+        ``nonce_first`` (SPA) it is committed before the grant reaches the
         firewall; without (a used rotating sequence, already refused in memory)
         it is written with the grant right after the firewall opens.
 
@@ -251,36 +236,29 @@ class GrantManager:
                 entry = entries.get((g.door, str(g.address)))
                 previous = entry.grant if entry is not None and not entry.closing else None
                 pairs.append((regrant(previous, g, now), previous))
-            # An SPA nonce must be on disk before the firewall opens (a replay
-            # after a crash must still fail), so such a batch is journaled
-            # first. Any other batch opens first and is journaled right after:
-            # the kernel holds each native grant's deadline itself, so a crash
-            # in between leaves an element that closes on time and is adopted
-            # at the next start, and the fsync no longer delays the opening.
-            journal_first = bool(nonces)
-            if journal_first:
-                self.journal.put_many([h for h, _ in pairs], self.native.name, [*nonces, *late])
+            # A batch opens first and is journaled right after: the kernel
+            # holds each native grant's deadline itself, so a crash in between
+            # leaves an element that closes on time and is adopted at the next
+            # start, and the fsync does not delay the opening. SPA nonces go
+            # first, committed without the fsync (a replay after the process
+            # dies must still fail; the grants' commit below syncs them too,
+            # and the daemon's session record covers the machine going down).
+            if nonces:
+                self.journal.remember(list(nonces), durable=False)
             try:
                 self.native.open_many(pairs)
             except FirewallError as exc:
                 log.warning("batch of %d grants failed (%s); trying them one by one", len(pairs), exc)
-                if journal_first:
-                    for h, prev in pairs:
-                        if prev is not None:
-                            self.journal.put(prev, self.native.name)
-                        else:
-                            self.journal.delete(h.door, h.address)
-                elif late:
+                if late:
                     self.journal.remember(list(late))  # the sequences stay used, whatever the firewall said
                 for g in native:
                     held_all += self._grant_logged(g)
                 return held_all
-            if not journal_first:
-                try:
-                    self.journal.put_many([h for h, _ in pairs], self.native.name, list(late))
-                except sqlite3.Error as exc:
-                    # Open already; the kernel still closes each one at its deadline.
-                    log.error("journal write failed after opening %d grant(s): %s", len(pairs), exc)
+            try:
+                self.journal.put_many([h for h, _ in pairs], self.native.name, list(late))
+            except sqlite3.Error as exc:
+                # Open already; the kernel still closes each one at its deadline.
+                log.error("journal write failed after opening %d grant(s): %s", len(pairs), exc)
             self.counters["firewall_ops"] += 1
             for g, (h, prev) in zip(native, pairs):
                 self.counters["grants_total"] += 1
@@ -432,26 +410,8 @@ class GrantManager:
 
     # -- worker ----------------------------------------------------------------
 
-    def _make_durable(self) -> None:
-        with self._cond:
-            reserved, self._reserved = self._reserved, []
-        if not reserved:
-            return
-        try:
-            self.journal.remember(reserved)
-        except sqlite3.Error as exc:
-            log.error("cannot write %d SPA nonce(s) to the journal: %s", len(reserved), exc)
-            return  # their grants will be journaled first, nonce included
-        now = self._clock()
-        with self._cond:
-            for nonce, until in reserved:
-                self._durable[nonce] = until
-            if len(self._durable) > MAX_PENDING:  # only ever this big if grants never followed
-                self._durable = {n: u for n, u in self._durable.items() if u > now}
-
     def _drain(self) -> None:
         while True:
-            self._make_durable()
             with self._cond:
                 if self._pending:
                     batch = list(self._pending.values())
@@ -466,9 +426,7 @@ class GrantManager:
                         return
                 else:
                     return
-                # Nonces already on disk (reserved ahead) need no journal-first commit.
-                nonces = [n for n in self._nonces if self._durable.pop(n[0], None) is None]
-                late, self._nonces, self._late = self._late, [], []
+                nonces, late, self._nonces, self._late = self._nonces, self._late, [], []
             try:
                 self.grant_many(batch, nonces, late)
             except Exception:  # noqa: BLE001 - the journal or a bug; log and keep the worker alive
@@ -480,7 +438,7 @@ class GrantManager:
             with self._cond:
                 if self._stopping:
                     return
-                if not self._pending and not self._reserved:
+                if not self._pending:
                     wait = next_repair - time.monotonic()
                     if self._heap:
                         wait = min(wait, self._heap[0][0] - self._clock())

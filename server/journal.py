@@ -5,6 +5,14 @@ firewall change (command and SPA grants) or right after it (knock grants,
 classic or rotating, whose deadline the kernel holds anyway), so the next start can
 close it on time even after a power loss (fail2ban runs its database with
 ``synchronous=OFF``; we do not).
+
+An SPA nonce is written ahead of its grant without waiting for the disk
+(``remember(..., durable=False)``): committed to the write-ahead log, it
+survives the process (a crash, ``kill -9``) but not the machine going down
+in the next moments. The daemon's session record covers that case:
+``begin_session`` says whether the previous daemon ended without a clean stop
+in an earlier boot, and the daemon then refuses SPA packets made before it
+started (their nonces may be lost); ``end_session`` flushes everything to disk.
 One row per (door, address). A row whose ``closing`` flag is set is being
 closed; whoever sets the flag (the daemon at the deadline, or ``spa grants
 --revoke`` from another process) runs the close, so a stop command never
@@ -42,7 +50,22 @@ CREATE TABLE IF NOT EXISTS replay (
     nonce BLOB PRIMARY KEY,
     until REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS session (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
 """
+
+
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id(path: str = BOOT_ID) -> str | None:
+    """This boot's id (new at every boot), or None where the kernel does not say."""
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,12 +113,14 @@ class Journal:
         """Record (or update) a grant; durable when this returns."""
         self.put_many([grant], backend)
 
-    def put_many(self, grants: list[ActiveGrant], backend: str, nonces: list[tuple[bytes, float]] = ()) -> None:
+    def put_many(self, grants: list[ActiveGrant], backend: str, nonces: list[tuple[bytes, float]] = (),
+                 durable: bool = True) -> None:
         """Record several grants in one transaction (one fsync); durable when this returns.
 
         ``nonces`` are SPA replay-cache entries ``(nonce, until)`` committed in
         the same transaction: a packet's nonce is on disk before its grant
-        reaches the firewall, at no extra fsync.
+        reaches the firewall, at no extra fsync. ``durable=False`` commits
+        without the fsync (see the module's docstring for what covers that).
         """
         now = time.time()
         rows = [
@@ -104,25 +129,63 @@ class Journal:
             for g in grants
         ]
         with self._lock:
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")  # per connection, between transactions
+            try:
+                self._write(rows, nonces)
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
+
+    def _write(self, rows: list[tuple], nonces: list[tuple[bytes, float]]) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if nonces:
+                self._db.executemany("INSERT OR REPLACE INTO replay (nonce, until) VALUES (?, ?)", nonces)
+            self._db.executemany(
+                "INSERT INTO grants (door, address, ports, deadline, commands, backend, created, closing)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 0)"
+                " ON CONFLICT (door, address) DO UPDATE SET ports=excluded.ports, deadline=excluded.deadline,"
+                " commands=excluded.commands, backend=excluded.backend, closing=0",
+                rows,
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def remember(self, nonces: list[tuple[bytes, float]], durable: bool = True) -> None:
+        """Record SPA replay-cache entries alone (durable when this returns, unless ``durable=False``)."""
+        self.put_many([], "", nonces, durable=durable)
+
+    def begin_session(self, boot_id: str | None) -> bool:
+        """Record that a daemon now runs, in boot ``boot_id`` (None: unknown).
+
+        True when nonces written without an fsync may have been lost: the
+        previous daemon did not stop cleanly and the machine has restarted
+        since (or its boot cannot be told). A first start, an older journal
+        without a session record, and a crash with the machine still up
+        (the write-ahead log survives the process) give False.
+        """
+        with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                if nonces:
-                    self._db.executemany("INSERT OR REPLACE INTO replay (nonce, until) VALUES (?, ?)", nonces)
-                self._db.executemany(
-                    "INSERT INTO grants (door, address, ports, deadline, commands, backend, created, closing)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, 0)"
-                    " ON CONFLICT (door, address) DO UPDATE SET ports=excluded.ports, deadline=excluded.deadline,"
-                    " commands=excluded.commands, backend=excluded.backend, closing=0",
-                    rows,
-                )
+                before = dict(self._db.execute("SELECT key, value FROM session").fetchall())
+                self._db.executemany("INSERT OR REPLACE INTO session (key, value) VALUES (?, ?)",
+                                     [("boot", boot_id or ""), ("clean", "0")])
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+        if not before:
+            return False
+        return before.get("clean") != "1" and (boot_id is None or before.get("boot") != boot_id)
 
-    def remember(self, nonces: list[tuple[bytes, float]]) -> None:
-        """Record SPA replay-cache entries alone (durable when this returns)."""
-        self.put_many([], "", nonces)
+    def end_session(self) -> None:
+        """A clean stop: flush every commit made without an fsync, and say so for the next start."""
+        with self._lock:
+            # A FULL commit syncs the whole write-ahead log, earlier unsynced commits included.
+            self._db.execute("INSERT OR REPLACE INTO session (key, value) VALUES ('clean', '1')")
 
     def replay_entries(self, now: float) -> list[tuple[bytes, float]]:
         """The replay-cache entries still in force (loaded at start: replays stay refused across restarts)."""

@@ -4,7 +4,7 @@
 start and on SIGHUP); ``SpaReceiver.handle`` runs on the capture loop for
 each datagram to the SPA port: the checks themselves are pure
 (``spa.authorize``), the replay cache is in memory (``spa.replay``) and its
-durable copy is written by the grant manager with the grant.
+durable copy is written by the grant manager just before the grant opens.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Callable
 
 from spa.authorize import Accepted, SpaDoor, Verifier
 from spa.config import Config
@@ -69,13 +68,9 @@ def load_verifier(config: Config, authorized: dict[str, tuple[str, list[Authoriz
 
 
 class SpaReceiver:
-    def __init__(self, verifier: Verifier, replay: ReplayCache,
-                 reserve: Callable[[bytes, float], None] | None = None):
+    def __init__(self, verifier: Verifier, replay: ReplayCache):
         self.verifier = verifier
         self.replay = replay
-        #: Called with (nonce, until) before the signature check: the grant
-        #: manager starts writing the nonce to disk while the signature is checked.
-        self.reserve = reserve
         self.rejected: collections.Counter[str] = collections.Counter()
         self.accepted = 0
         self._throttle = Throttle(rate=20.0, burst=100.0)
@@ -85,7 +80,7 @@ class SpaReceiver:
         """Decide on one datagram; the accepted request (nonce already remembered in memory) or None."""
         now = time.time() if now is None else now
         try:
-            acc = self.verifier.check(payload, source, now, self.replay.__contains__, self.reserve)
+            acc = self.verifier.check(payload, source, now, self.replay.__contains__)
         except PacketRejected as exc:
             self.rejected[exc.reason] += 1
             if exc.reason in JUNK:

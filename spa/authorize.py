@@ -92,6 +92,10 @@ class Verifier:
         }
         self._hints: dict[bytes, tuple[Client, int]] = {}
         self._epochs: tuple[int, int] = (1, 0)  # empty range: built on first use
+        #: Packets made before this Unix time are refused ("restart"): set when
+        #: the machine went down with the daemon running, so that the nonces
+        #: of the last packets accepted may not have reached the disk.
+        self.not_before = 0.0
 
     def __len__(self) -> int:
         return len(self.clients)
@@ -112,20 +116,8 @@ class Verifier:
         self._hints = hints
         self._epochs = (lo, hi)
 
-    def check(
-        self,
-        data: bytes,
-        source: Address,
-        now: float,
-        seen: Callable[[bytes], bool],
-        fresh: Callable[[bytes, float], None] | None = None,
-    ) -> Accepted:
-        """Decide on one datagram from ``source``; raises ``PacketRejected`` with the reason.
-
-        ``fresh(nonce, remember_until)`` is called once the packet is known
-        authentic for the pair, in time and new, just before the signature
-        check: the caller may start making the nonce durable meanwhile.
-        """
+    def check(self, data: bytes, source: Address, now: float, seen: Callable[[bytes], bool]) -> Accepted:
+        """Decide on one datagram from ``source``; raises ``PacketRejected`` with the reason."""
         header = protocol.open_header(data)
         # The cache holds only nonces of packets that passed every check, so a
         # hit here can never refuse a packet that would have been accepted:
@@ -141,10 +133,11 @@ class Verifier:
         sealed = protocol.open_body(data, header, client.pair, epoch)
         request = sealed.request
         skew = protocol.check_time(request, now, self.window)
+        if request.time < self.not_before:
+            raise PacketRejected("restart", "made before the server came back from a crash of the machine "
+                                 "(its nonce may be lost, so it could be a replay): send a new one")
         # No second replay lookup: the AEAD has just authenticated the very
         # nonce looked up in step 1, and the cache has not changed since.
-        if fresh is not None:
-            fresh(request.nonce, self._remember_until(request))
         protocol.check_signature(sealed, client.public, self.server_public)
         return self._policy(client, request, source, skew, now)
 

@@ -86,7 +86,7 @@ class PacketRejected(SpaError):
     """An SPA packet or rotating knock that must not open anything.
 
     ``reason`` is a short stable word for counters (``size``, ``version``,
-    ``unknown-key``, ``aead``, ``stale``, ``future``, ``replay``,
+    ``unknown-key``, ``aead``, ``stale``, ``future``, ``restart``, ``replay``,
     ``signature``, ``policy``, ...); the message says more for the log.
     """
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 class FakeManager:
-    """What the daemon's packet path uses of ``GrantManager``: ``submit``, ``reserve`` and ``journal.remember``."""
+    """What the daemon's packet path uses of ``GrantManager``: ``submit`` and ``journal.remember``."""
 
     def __init__(self) -> None:
         #: (grant, nonce) per submit, and whether it was deferred.
@@ -26,9 +26,6 @@ class FakeManager:
 
     def remember(self, entries) -> None:
         self.remembered.extend(entries)
-
-    def reserve(self, nonce, until) -> None:
-        self.remembered.append((nonce, until))
 
     def active(self) -> list:
         return []

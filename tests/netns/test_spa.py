@@ -125,7 +125,8 @@ def test_keygen_trust_knock_client_opens_for_the_client_only_then_closes(lab, tm
         server.stop()
 
 
-def test_replay_is_refused_from_any_address_and_after_a_restart(lab, tmp_path, keys):
+@pytest.mark.parametrize("stop", ["clean", "kill-9"])
+def test_replay_is_refused_from_any_address_and_after_a_restart(lab, tmp_path, keys, stop):
     lab.default_deny("nft")
     text = config(keys, door("ssh", keys.authorize("authorized_keys", keys.pub_line())))
     server = Server(lab, tmp_path, config_text=text)
@@ -133,19 +134,52 @@ def test_replay_is_refused_from_any_address_and_after_a_restart(lab, tmp_path, k
     try:
         send(lab, captured)
         assert lab.wait_for(True, SERVER_V4, limit=2) is not None
-        assert lab.wait_for(False, SERVER_V4, limit=DURATION + 2) is not None
-        send(lab, captured)  # the same bytes, same source
-        assert server.wait_log("rejected (replay)")
-        send(lab, captured, source=CLIENT2_V4)  # another source
-        assert server.wait_log("rejected (replay)", count=2)
-        assert stays_closed(lab) and stays_closed(lab, source=CLIENT2_V4, wait=0)
-        server.stop()
+        if stop == "kill-9":
+            # The nonce went to the journal's write-ahead log without an fsync: it must
+            # still be there for the next process when this one dies the moment the door opens.
+            server.proc.send_signal(signal.SIGKILL)
+            server.proc.wait(5)
+        assert lab.wait_for(False, SERVER_V4, limit=DURATION + 2) is not None  # kill -9: the kernel closed it
+        if stop == "clean":
+            send(lab, captured)  # the same bytes, same source
+            assert server.wait_log("rejected (replay)")
+            send(lab, captured, source=CLIENT2_V4)  # another source
+            assert server.wait_log("rejected (replay)", count=2)
+            assert stays_closed(lab) and stays_closed(lab, source=CLIENT2_V4, wait=0)
+            server.stop()
         server = Server(lab, tmp_path, config_text=text, extra=("-D",))
+        assert "SPA packets made before" not in server.text()  # the same boot: nothing can be lost
         send(lab, captured)
-        assert server.wait_log("rejected (replay)", count=3)
+        assert server.wait_log("rejected (replay)", count=3 if stop == "clean" else 1)
         assert stays_closed(lab)
         send(lab, packet(keys))  # a fresh packet still works
         assert lab.wait_for(True, SERVER_V4, limit=2) is not None
+    finally:
+        server.stop()
+
+
+def test_after_the_machine_went_down_under_it_packets_made_before_the_start_are_refused(lab, tmp_path, keys):
+    # The journal says: a daemon ran in another boot and never stopped cleanly (a power loss).
+    # Any nonce it committed in its last millisecond may be lost, so nothing older than this start counts.
+    from spa.server.journal import Journal
+
+    j = Journal(tmp_path / "state")
+    j.begin_session("a-boot-before-the-power-loss")
+    j.close()
+    lab.default_deny("nft")
+    text = config(keys, door("ssh", keys.authorize("authorized_keys", keys.pub_line())))
+    older = packet(keys, offset=-0.5)
+    server = Server(lab, tmp_path, config_text=text)
+    try:
+        assert server.wait_log("SPA packets made before")
+        send(lab, older)
+        assert server.wait_log("rejected (restart)")
+        assert stays_closed(lab)
+        send(lab, packet(keys))
+        assert lab.wait_for(True, SERVER_V4, limit=2) is not None
+        server.stop()
+        server = Server(lab, tmp_path, config_text=text)  # after a clean stop: no refusal
+        assert server.text().count("SPA packets made before") == 1  # only the first start said it
     finally:
         server.stop()
 

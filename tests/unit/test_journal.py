@@ -2,7 +2,7 @@ import os
 import stat
 
 from spa.grant import ActiveGrant, CommandAction, Grant
-from spa.server.journal import Journal
+from spa.server.journal import Journal, boot_id
 
 
 def _g(door="ssh", addr="192.0.2.2", ports="22/tcp", deadline=1000.0, commands=None):
@@ -56,3 +56,35 @@ def test_get_many_finds_exactly_the_pairs_asked_for_in_chunks(tmp_path):
         assert (entry.grant.door, str(entry.grant.address)) == (door, addr)
         assert j.get(door, entry.grant.address) == entry
     assert j.get_many([]) == {} and j.get_many([("ssh", "203.0.113.1")]) == {}
+
+
+def test_nonces_written_without_fsync_survive_the_process_and_leave_it_full(tmp_path):
+    j = Journal(tmp_path)
+    j.remember([(b"n" * 24, 2000.0)], durable=False)
+    assert j._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again for the grants
+    # A second connection (the next process) reads it from the write-ahead log.
+    assert Journal(tmp_path).replay_entries(1000.0) == [(b"n" * 24, 2000.0)]
+
+
+def test_session_says_when_unsynced_nonces_may_be_lost(tmp_path):
+    assert not Journal(tmp_path).begin_session("boot-a")  # first start: nothing before
+    assert not Journal(tmp_path).begin_session("boot-a")  # killed, machine still up: the log survived
+    assert Journal(tmp_path).begin_session("boot-b")  # killed, then the machine restarted
+    j = Journal(tmp_path)
+    assert j.begin_session(None)  # the previous run never stopped cleanly and the boot is unknown
+    j.end_session()
+    assert not Journal(tmp_path).begin_session("boot-c")  # a clean stop flushed everything
+
+
+def test_a_journal_from_before_sessions_needs_no_refusal(tmp_path):
+    Journal(tmp_path).remember([(b"m" * 24, 2000.0)])
+    assert not Journal(tmp_path).begin_session("boot-a")
+
+
+def test_boot_id(tmp_path):
+    assert boot_id(str(tmp_path / "absent")) is None
+    (tmp_path / "id").write_text("\n")
+    assert boot_id(str(tmp_path / "id")) is None
+    (tmp_path / "id").write_text("4f1c\n")
+    assert boot_id(str(tmp_path / "id")) == "4f1c"
+    assert boot_id() is None or len(boot_id()) >= 32

@@ -72,20 +72,16 @@ def test_a_knock_grant_opens_first_and_is_journaled_right_after(tmp_path):
         mgr.stop()
 
 
-def test_an_spa_grant_finds_its_nonce_on_disk_whether_reserved_ahead_or_not(tmp_path):
+def test_an_spa_grant_finds_its_nonce_committed_and_is_journaled_right_after(tmp_path):
     mgr, backend = _manager(tmp_path)
     mgr.start()
     try:
         until = time.time() + 60
-        mgr.reserve(b"A" * 24, until)  # the capture loop, before the signature check
-        mgr.submit(Grant.create("spa", "192.0.2.2", "22/tcp", 30), (b"A" * 24, until))
-        assert _wait(lambda: len(backend.opens) == 1)
+        g = Grant.create("spa", "192.0.2.2", "22/tcp", 30)
+        mgr.submit(g, (b"A" * 24, until))
+        assert _wait(lambda: mgr.journal.get("spa", g.address) is not None)
         doors, nonces = backend.opens[0]
-        assert (b"A" * 24, until) in [(bytes(n), u) for n, u in nonces]
-        mgr.submit(Grant.create("spa", "192.0.2.3", "22/tcp", 30), (b"B" * 24, until))  # no reservation
-        assert _wait(lambda: len(backend.opens) == 2)
-        doors, nonces = backend.opens[1]
-        assert b"B" * 24 in [bytes(n) for n, _ in nonces] and "spa" in doors  # journal-first, nonce included
+        assert [(bytes(n), u) for n, u in nonces] == [(b"A" * 24, until)] and doors == []  # nonce first, grant after
     finally:
         mgr.stop()
 

@@ -640,6 +640,17 @@ def test_replay_is_refused_from_any_source(vectors):
         assert info.value.reason == "replay"
 
 
+def test_packets_made_before_not_before_are_refused(vectors):
+    # After the machine went down under the daemon, the nonces of the last packets may be lost:
+    # anything made before the restart is refused, from the first millisecond before it.
+    verifier = _verifier(vectors)
+    verifier.not_before = T_EXACT / 1000
+    with pytest.raises(PacketRejected) as info:
+        verifier.check(_at(vectors, -1), ipaddress.ip_address(SOURCE), T_EXACT / 1000 + 5, _never)
+    assert info.value.reason == "restart" and "send a new one" in info.value.message
+    assert verifier.check(_at(vectors, 0), ipaddress.ip_address(SOURCE), T_EXACT / 1000 + 5, _never).door == "ssh"
+
+
 def test_junk_asks_the_replay_cache_once_and_a_known_nonce_is_refused_before_decryption(vectors):
     asked: list[bytes] = []
 
