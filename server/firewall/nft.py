@@ -19,6 +19,14 @@ in ours and accept in theirs. The kernel removes an element when its timeout
 ends, so a grant closes on time even when the daemon is dead. A clean
 ``teardown`` deletes the table and every rule with our comment, and nothing
 else.
+
+Two paths to the kernel. Grants (``open``, ``open_many``, ``close``) are set
+elements written by ``nfnetlink.SetElementWriter``: one batch on a raw
+netlink socket a transaction, timeouts in exact milliseconds. Everything
+else (setup, check, list, teardown, the hooks) goes through libnftables'
+JSON (``libnft``). ``elements="json"`` (or no netlink socket) writes the
+elements through JSON too, with whole-second timeouts. Both paths run the
+same operations in the same transactions.
 """
 
 from __future__ import annotations
@@ -27,14 +35,16 @@ import ipaddress
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from spa.errors import BackendUnavailable, FirewallError
 from spa.grant import ActiveGrant, PortSpec, decode_label, encode_label
 from spa.server.firewall import run as runner
 from spa.server.firewall.base import Backend
 from spa.server.firewall.libnft import Transport, open_transport
+from spa.server.firewall.nfnetlink import Element, ElementOp, SetElementWriter, element_key
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +55,19 @@ DEFAULT_MARK = 0x20000000
 # any chain that may drop looks at the packet.
 MARK_PRIORITY = -175
 _IPTABLES_TABLES = {"filter", "mangle", "raw", "security", "nat"}
+ELEMENT_PATHS = ("auto", "netlink", "json")
+ElementPath = Literal["auto", "netlink", "json"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """One element operation of a transaction, before it is written as JSON or netlink."""
+
+    op: str  # add, create or delete
+    grant: ActiveGrant
+    ports: tuple[PortSpec, ...]
+    #: time left for the kernel timeout; each path rounds it up to its unit
+    seconds: float
 
 
 def _elem_key(address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: PortSpec) -> dict[str, Any]:
@@ -69,13 +92,31 @@ class NftBackend(Backend):
         mark: int = DEFAULT_MARK,
         transport: Transport | None = None,
         clock=time.time,
+        elements: ElementPath = "auto",
     ):
+        """``elements``: how grants are written. ``netlink``: raw nfnetlink batches; ``json``: the
+        JSON transport; ``auto``: netlink when its socket opens here, else JSON."""
         if not 0 < mark < 2**32:
             raise ValueError(f"nft mark {mark:#x} must be a non-zero 32-bit value")
+        if elements not in ELEMENT_PATHS:
+            raise ValueError(f"nft elements {elements!r} must be one of {', '.join(ELEMENT_PATHS)}")
         self.table = table
         self.mark = mark
         self._clock = clock
         self._nft = transport if transport is not None else open_transport()
+        self._writer = self._open_writer(elements)
+
+    def _open_writer(self, elements: ElementPath) -> SetElementWriter | None:
+        if elements == "json":
+            return None
+        try:
+            # Made here, so in this thread's network namespace, like the libnftables context.
+            return SetElementWriter(self.table)
+        except OSError as exc:
+            if elements == "netlink":
+                raise BackendUnavailable(f"cannot open a NETLINK_NETFILTER socket: {exc}") from None
+            log.info("nft: no netlink socket (%s); set elements go through %s", exc, self._nft.kind)
+            return None
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -88,6 +129,18 @@ class NftBackend(Backend):
     @property
     def transport_kind(self) -> str:
         return self._nft.kind
+
+    @property
+    def element_kind(self) -> str:
+        """How grants are written: ``netlink``, or the JSON transport's kind."""
+        return SetElementWriter.kind if self._writer is not None else self._nft.kind
+
+    def close_transports(self) -> None:
+        """Close the element socket and (when it can) the JSON transport: for tests and benchmarks."""
+        if self._writer is not None:
+            self._writer.close()
+        if hasattr(self._nft, "close"):
+            self._nft.close()
 
     # -- structure ---------------------------------------------------------
 
@@ -289,27 +342,43 @@ class NftBackend(Backend):
             )
         }
 
-    def _timeout(self, grant: ActiveGrant, now: float) -> int:
+    def _netlink_op(self, step: _Step) -> ElementOp:
+        # Exact milliseconds: the kernel takes them as they are, so the
+        # safety-net timeout ends with the grant, not up to 1 s later.
+        timeout_ms = None if step.op == "delete" else max(1, math.ceil(step.seconds * 1000))
+        comment = encode_label(step.grant.door) if step.op in ("add", "create") else None
+        elems = tuple(Element(element_key(step.grant.address, p.proto, p.port), timeout_ms, comment) for p in step.ports)
+        return ElementOp(step.op, f"allow{step.grant.address.version}", elems)  # type: ignore[arg-type]
+
+    def _write(self, steps: list[_Step]) -> None:
+        """Run ``steps`` as one transaction, through netlink or JSON."""
+        if self._writer is not None:
+            self._writer.apply([self._netlink_op(s) for s in steps])
+            return
+        self._nft.cmd({"nftables": [self._element_op(s.op, s.grant, s.ports, self._timeout(s.seconds)) for s in steps]})
+
+    @staticmethod
+    def _timeout(seconds: float) -> int:
         # nft's JSON takes whole seconds (1.0.6 silently drops a fractional
         # timeout, leaving the element forever): round up, never to zero. The
         # grant manager deletes the element at the exact deadline; the kernel
         # timeout is the safety net, at most 1 s later.
-        return max(1, math.ceil(grant.deadline - now))
+        return max(1, math.ceil(seconds))
 
-    def _refresh_ops(self, grant: ActiveGrant, previous: ActiveGrant | None, now: float) -> list[dict[str, Any]]:
+    def _refresh_ops(self, grant: ActiveGrant, previous: ActiveGrant | None, now: float) -> list[_Step]:
         """add (a no-op when present), delete, add again: a fresh timeout whether or not the element existed.
 
         In one transaction, so a re-grant extends without a gap and never
         holds two elements; ports the previous grant had and this one has not
         are removed in the same transaction.
         """
-        timeout_s = self._timeout(grant, now)
-        ops = [self._element_op(op, grant, grant.ports, timeout_s) for op in ("add", "delete", "add")]
+        left = grant.deadline - now
+        ops = [_Step(op, grant, grant.ports, left) for op in ("add", "delete", "add")]
         if previous is not None and previous.address == grant.address:
-            gone = [p for p in previous.ports if p not in grant.ports]
+            gone = tuple(p for p in previous.ports if p not in grant.ports)
             if gone:
-                ops.append(self._element_op("add", previous, gone, 1))
-                ops.append(self._element_op("delete", previous, gone, 1))
+                ops.append(_Step("add", previous, gone, 1))
+                ops.append(_Step("delete", previous, gone, 1))
         return ops
 
     def open(self, grant: ActiveGrant, previous: ActiveGrant | None = None) -> None:
@@ -321,11 +390,11 @@ class NftBackend(Backend):
             # through an nft process). If it exists (another door holds the
             # port), refresh it instead.
             try:
-                self._nft.cmd({"nftables": [self._element_op("create", grant, grant.ports, self._timeout(grant, now))]})
+                self._write([_Step("create", grant, grant.ports, grant.deadline - now)])
                 return
             except FirewallError:
                 pass
-        self._nft.cmd({"nftables": self._refresh_ops(grant, previous, now)})
+        self._write(self._refresh_ops(grant, previous, now))
 
     def open_many(self, pairs: list[tuple[ActiveGrant, ActiveGrant | None]]) -> None:
         """Every pair in ONE transaction: all open, or none."""
@@ -333,17 +402,10 @@ class NftBackend(Backend):
             self.open(*pairs[0])
             return
         now = self._clock()
-        self._nft.cmd({"nftables": [op for grant, previous in pairs for op in self._refresh_ops(grant, previous, now)]})
+        self._write([op for grant, previous in pairs for op in self._refresh_ops(grant, previous, now)])
 
     def close(self, grant: ActiveGrant) -> None:
-        self._nft.cmd(
-            {
-                "nftables": [
-                    self._element_op("add", grant, grant.ports, 1),
-                    self._element_op("delete", grant, grant.ports, 1),
-                ]
-            }
-        )
+        self._write([_Step("add", grant, grant.ports, 1), _Step("delete", grant, grant.ports, 1)])
 
     def list(self) -> list[ActiveGrant]:
         now = self._clock()
