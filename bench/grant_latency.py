@@ -18,7 +18,12 @@ has not connected after 2 s is a failure. Close again before the next one.
 Run as root from the repository root::
 
     sudo python -m bench.grant_latency            # or: sudo python bench/grant_latency.py
-    sudo python -m bench.grant_latency --samples 20 --only nft-libnftables,manager
+    sudo python -m bench.grant_latency --samples 20 --only nft-libnftables,nft-netlink,manager
+
+The nft rows name their element path: ``nft-netlink`` writes grants as raw
+nfnetlink batches (the backend's default), the others through the JSON
+transport they are named after (``elements="json"``), so the two are
+compared in one run.
 
 Results are printed and written to ``docs/benchmarks.md`` between the
 ``<!-- grant-latency:start -->`` and ``<!-- grant-latency:end -->`` markers;
@@ -292,9 +297,8 @@ class BackendDriver(Driver):
 
     def teardown(self) -> None:
         self.b.teardown()
-        nft = getattr(self.b, "_nft", None)
-        if hasattr(nft, "close"):
-            nft.close()
+        if hasattr(self.b, "close_transports"):
+            self.b.close_transports()
 
     def diagnostics(self) -> list[str]:
         if self.b.name != "nft":
@@ -303,7 +307,7 @@ class BackendDriver(Driver):
         now = time.time()
         fresh = iter(ActiveGrant.start(Grant.create(DOOR, f"198.51.100.{i}", "22/tcp", GRANT_SECONDS), now)
                      for i in range(1, 255))
-        if self.transport == "nft-process":
+        if self.transport.startswith("nft-process"):
             # What one nft process costs with and without a deletion in its transaction: on
             # recent kernels closing the netlink socket after a transaction that deleted
             # something waits for an RCU grace period (nf_tables flushes its destroy work).
@@ -370,7 +374,7 @@ class ManagerDriver(Driver):
         # No periodic check/repair during the run: it takes the same lock as grant().
         self.m = GrantManager(self.journal, native=self.nft, repair_interval=3600)
         self.backend = "GrantManager.grant() + nft"
-        self.transport = f"{self.nft.transport_kind} + sqlite FULL"
+        self.transport = f"{_nft_label(self.nft)} + sqlite FULL"
 
     def setup(self) -> None:
         self.m.start()
@@ -390,7 +394,7 @@ class ManagerDriver(Driver):
         finally:
             self.journal.close()
             with contextlib.suppress(Exception):
-                self.nft._nft.close()
+                self.nft.close_transports()
             shutil.rmtree(self.state, ignore_errors=True)
 
     def note(self) -> str:
@@ -398,13 +402,18 @@ class ManagerDriver(Driver):
         return f"journal in /var/tmp ({fs or '?'})"
 
 
-def _nft(transport_kind: str) -> Callable[[], Driver]:
+def _nft_label(b) -> str:
+    """The JSON transport and how elements are written, e.g. ``libnftables, elements: netlink``."""
+    return f"{b.transport_kind}, elements: {'netlink' if b.element_kind == 'netlink' else 'JSON'}"
+
+
+def _nft(transport_kind: str, elements: str = "json") -> Callable[[], Driver]:
     def make() -> Driver:
         from spa.server.firewall.libnft import open_transport
         from spa.server.firewall.nft import NftBackend
 
-        t = open_transport(transport_kind)
-        return BackendDriver(NftBackend(transport=t), t.kind)
+        b = NftBackend(transport=open_transport(transport_kind), elements=elements)
+        return BackendDriver(b, _nft_label(b))
 
     return make
 
@@ -428,6 +437,7 @@ class RowSpec:
 
 ROWS = [
     RowSpec("nft-libnftables", "nft", _nft("libnftables")),
+    RowSpec("nft-netlink", "nft", _nft("libnftables", "netlink")),
     RowSpec("nft-libnftables-ipt", "iptables-nft", _nft("libnftables")),
     RowSpec("nft-process", "nft", _nft("nft-process")),
     RowSpec("iptables-nft", "iptables-nft", _iptables("nft")),
@@ -613,7 +623,7 @@ def breakdown_rows(results: list[RowResult]) -> list[list[str]]:
         base = statistics.median(r.baseline)
         rows.append([
             f"`{r.spec.name}`",
-            _ms(statistics.median(r.opens)),
+            f"{_ms(statistics.median(r.opens))} / {_ms(percentile(r.opens, 90))}",
             f"{base * 1e3:.3f}",
             _ms(med - base),
             f"{med / base:.0f}x",
@@ -624,7 +634,7 @@ def breakdown_rows(results: list[RowResult]) -> list[list[str]]:
 
 
 SUMMARY_HEAD = ["row", "backend", "transport", "default deny", "samples", "failures", "min ms", "median ms", "p90 ms", "max ms"]
-BREAKDOWN_HEAD = ["row", "open() call, median ms", "baseline connect, median ms", "median − baseline, ms",
+BREAKDOWN_HEAD = ["row", "open() call, median / p90 ms", "baseline connect, median ms", "median − baseline, ms",
                   "median / baseline", "connect attempts, median / max", "CPU busy: all / this run"]
 
 
@@ -690,6 +700,16 @@ def findings(by: dict[str, RowResult]) -> list[str]:
                 " why; cold caches most likely (a 25 ms busy-wait instead of the sleep slows it as much)."
             )
         out.append(text)
+    net = med("nft-netlink")
+    if net is not None:
+        text = f"- **nft with grants written over raw nfnetlink** opens in {net:.2f} ms median, connect included"
+        o_net, o_json = med("nft-netlink", "opens"), med("nft-libnftables", "opens")
+        if o_net is not None and o_json is not None:
+            text += f"; the open() call takes {o_net:.3f} ms median against {o_json:.3f} ms through libnftables' JSON"
+        v = by["nft-netlink"].values
+        if "warm" in v:
+            text += f" (back to back {v['warm']:.3f} ms, after 25 ms of idle {v['idle']:.3f} ms)"
+        out.append(text + ". One sendmsg of a batch and its ACKs; setup, check, list and teardown stay on libnftables.")
     if proc is not None:
         v = by["nft-process"].values
         alone = f" ({v['add_only']:.1f} ms in this run)" if "add_only" in v else ""
@@ -723,11 +743,16 @@ def findings(by: dict[str, RowResult]) -> list[str]:
             " deletes, and that iptables process does wait at exit, off the grant's path."
         )
     if mgr is not None:
-        ref = nft_ipt if nft_ipt is not None else nft
-        extra = f", {mgr - ref:.2f} ms more than the backend alone under the same default deny" if ref is not None else ""
+        # Compare with the backend row that writes elements the same way the manager's backend does.
+        if "netlink" in by["manager"].transport:
+            ref, alone = net, "`nft-netlink` alone (native nftables deny)"
+        else:
+            ref, alone = (nft_ipt, "the backend alone under the same default deny") if nft_ipt is not None else (
+                nft, "`nft-libnftables` alone")
+        extra = f", {mgr - ref:.2f} ms more than {alone}" if ref is not None else ""
         out.append(
             f"- **The whole grant path** (`GrantManager.grant()`: journal read, journal write with"
-            f" `synchronous=FULL` on ext4, then nft through libnftables) takes {mgr:.2f} ms median{extra}:"
+            f" `synchronous=FULL` on ext4, then nft, as its transport column says) takes {mgr:.2f} ms median{extra}:"
             " that difference is the journal, the durable write before the firewall is touched."
         )
     return out
@@ -819,7 +844,7 @@ def render_section(results: list[RowResult], info: dict[str, str], samples: int,
         "",
         "```",
         "sudo python -m bench.grant_latency            # or: sudo python bench/grant_latency.py",
-        "sudo python -m bench.grant_latency --samples 20 --only nft-libnftables,manager",
+        "sudo python -m bench.grant_latency --samples 20 --only nft-libnftables,nft-netlink,manager",
         "```",
         "",
         f"Rows for `--only`: {', '.join(f'`{n}`' for n in ROW_NAMES)}. The run rewrites only this section of",
@@ -839,6 +864,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.grant_latency", description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=100, help="samples per row (default 100)")
     ap.add_argument("--output", default=str(DEFAULT_OUTPUT), help="markdown file to update (default docs/benchmarks.md)")
+    ap.add_argument("--no-write", action="store_true", help="print the results only; write no file")
     ap.add_argument("--only", action="append", default=[],
                     help=f"rows to run, comma separated or repeated: {', '.join(ROW_NAMES)}")
     args = ap.parse_args(argv)
@@ -878,7 +904,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         for line in [x for x in (r.processes, r.note, *r.diagnostics) if x] + r.errors[-3:]:
             print(f"  {r.spec.name}: {line}")
-    if args.output:
+    if args.output and not args.no_write:
         out = Path(args.output)
         write_section(out, render_section(results, info, args.samples, when, elapsed))
         print(f"\nwrote {out}")
