@@ -98,6 +98,8 @@ def main(interfaces, config_path, daemon, debug, verbose, lookup, pidfile, logfi
     logs.configure(logfile=logfile, use_syslog=opts.use_syslog, verbose=verbose, debug=debug)
     for w in runtime.warnings:
         log.warning("%s", w)
+    if native is not None:
+        log.info("firewall backend: %s", native.describe())
     settings.state_dir = state_dir
     settings.metrics_file = os.path.abspath(metrics_file) if metrics_file else os.path.join(state_dir, "metrics.prom")
     settings.status_file = os.path.join(state_dir, "status.json")

@@ -25,6 +25,10 @@ class Backend(ABC):
     #: see what its commands did (the knockd-style ``command`` backend).
     lists_firewall: ClassVar[bool] = True
 
+    def describe(self) -> str:
+        """The backend and how it talks to the firewall, for the start-up log."""
+        return self.name
+
     @classmethod
     @abstractmethod
     def unavailable_reason(cls) -> str | None:

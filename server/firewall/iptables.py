@@ -275,6 +275,9 @@ class IptablesBackend(Backend):
         if not self._families[4].usable:
             raise BackendUnavailable(f"{self._families[4].missing()} not installed; {INSTALL_HINT}")
 
+    def describe(self) -> str:
+        return f"iptables (chain {self.chain}; {self._families[4].restore_name} --noflush)"
+
     @classmethod
     def unavailable_reason(cls) -> str | None:
         if runner.which("iptables") is None:

@@ -130,6 +130,9 @@ class NftBackend(Backend):
     def transport_kind(self) -> str:
         return self._nft.kind
 
+    def describe(self) -> str:
+        return f"nft (table inet {self.table}; grants through {self.element_kind}, the rest through {self.transport_kind})"
+
     @property
     def element_kind(self) -> str:
         """How grants are written: ``netlink``, or the JSON transport's kind."""

@@ -172,6 +172,7 @@ def test_after_the_machine_went_down_under_it_packets_made_before_the_start_are_
     server = Server(lab, tmp_path, config_text=text)
     try:
         assert server.wait_log("SPA packets made before")
+        assert "firewall backend: nft (table inet spa; grants through netlink" in server.text()
         send(lab, older)
         assert server.wait_log("rejected (restart)")
         assert stays_closed(lab)
