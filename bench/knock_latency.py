@@ -5,7 +5,7 @@ pair) with ``iptables -P INPUT DROP`` (iptables-nft) in the server namespace
 and a service on tcp/22 there, all knocked the same way:
 
 * ``spa-open``: our ``spa-server`` with an ``open = 22/tcp`` door (nft
-  backend, through libnftables);
+  backend, the set element written over netlink);
 * ``spa-command``: our ``spa-server`` with the knockd.conf seed's
   ``start_command``/``stop_command`` (``iptables -A``/``-D`` through ``/bin/sh``);
 * ``knockd-command``: Debian's ``knockd`` with the same door and commands.
@@ -76,7 +76,7 @@ class RowSpec:
 
 
 ROWS = [
-    RowSpec("spa-open", "spa", "open", "spa-server, `open = 22/tcp`", "nft set element (libnftables)"),
+    RowSpec("spa-open", "spa", "open", "spa-server, `open = 22/tcp`", "nft set element (netlink)"),
     RowSpec("spa-command", "spa", "command", "spa-server, seed start/stop commands", "`/bin/sh -c iptables -A` (nft)"),
     RowSpec("knockd-command", "knockd", "command", "knockd 0.8 (Debian), same commands", "`/bin/sh -c iptables -A` (nft)"),
 ]
@@ -166,9 +166,9 @@ def findings(by: dict[str, RowResult], interval: float = ATTEMPT_INTERVAL) -> li
     if o is not None:
         line = (f"- **`open = 22/tcp`: {o:.2f} ms median** from the last knock to a completed connect. The path: the"
                 " capture socket wakes the daemon's select loop at once (a packet socket has no buffer timeout), the"
-                " packet is parsed and matched, the grant goes to the grant manager's worker, which writes the"
-                " journal (sqlite, `synchronous=FULL`, on ext4) and adds the nft set element through libnftables;"
-                " `bench/grant_latency.py` measures that last part alone (its `manager` row).")
+                " packet is parsed and matched, the grant goes to the grant manager's worker, which adds the nft"
+                " set element (one netlink batch) and writes the journal right after (sqlite, `synchronous=FULL`);"
+                " `bench/grant_latency.py` measures the firewall part alone (its `nft-netlink` row).")
         out.append(line)
     if k is not None:
         kr = by["knockd-command"]

@@ -86,9 +86,9 @@ class RowSpec:
 
 ROWS = [
     RowSpec("spa-nft", "spa", "nft", "spa-server, SPA door, `open = 22/tcp`",
-            "nft default deny (inet table); grant = nft set element (libnftables)"),
+            "nft default deny (inet table); grant = nft set element (netlink)"),
     RowSpec("spa-ipt", "spa", "iptables-nft", "spa-server, SPA door, `open = 22/tcp`",
-            "iptables-nft default deny; grant = nft set element (libnftables)"),
+            "iptables-nft default deny; grant = nft set element (netlink)"),
     RowSpec("fwknopd-udp", "fwknopd", "udp", "fwknopd, UDP server (`-U`)",
             "iptables-nft default deny + udp/62201 accept; grant = 5 `iptables` execs"),
     RowSpec("fwknopd-pcap", "fwknopd", "pcap", "fwknopd, pcap (defaults)",
@@ -202,9 +202,9 @@ def findings(by: dict[str, RowResult], interval: float = ATTEMPT_INTERVAL) -> li
                    + (f"; {i:.2f} ms with the iptables-nft default deny fwknopd uses." if i is not None else ".")
                    + " The path: the packet socket wakes the capture loop at once, the verifier runs its checks"
                    " (hint lookup, XChaCha20-Poly1305, time, replay cache, one Ed25519 verify: about 0.1 ms in all,"
-                   " see the SPA costs section), the verifier hands the nonce to the grant manager's worker before the"
-                   " signature check, so its journal commit (sqlite, `synchronous=FULL`) overlaps the verification;"
-                   " the grant then adds one nft set element through libnftables and is journaled right after.")
+                   " see the SPA costs section, three to four times that on a CPU that was idle), then the grant"
+                   " manager's worker commits the nonce (sqlite, without waiting for the disk), adds one nft set"
+                   " element (one netlink batch) and journals the grant right after (`synchronous=FULL`).")
     if u is not None:
         out.append(f"- **fwknopd, UDP server: {u:.1f} ms median**: its socket gets the datagram at once; then"
                    " base64, HMAC, AES, the digest cache, and five `iptables` processes (list the chain, create it,"
