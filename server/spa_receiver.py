@@ -13,7 +13,7 @@ import collections
 import logging
 import time
 
-from spa.authorize import Accepted, SpaDoor, Verifier
+from spa.authorize import REPLAYED, Accepted, SpaDoor, Verifier
 from spa.config import Config
 from spa.errors import KeyFileError, PacketRejected
 from spa.grant import Address
@@ -79,6 +79,15 @@ class SpaReceiver:
     def handle(self, payload: bytes, source: Address, now: float | None = None) -> Accepted | None:
         """Decide on one datagram; the accepted request (nonce already remembered in memory) or None."""
         now = time.time() if now is None else now
+        junk = self.verifier.screen(payload, now, self.replay.__contains__)
+        if junk is not None:  # most of a flood: counted without an exception
+            self.rejected[junk] += 1
+            if junk in JUNK:
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("%s: SPA packet dropped (%s)", source, junk)
+            elif self._throttle.allow(now):
+                log.warning("%s: SPA packet rejected (%s): %s", source, junk, REPLAYED)
+            return None
         try:
             acc = self.verifier.check(payload, source, now, self.replay.__contains__)
         except PacketRejected as exc:

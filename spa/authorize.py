@@ -72,6 +72,10 @@ class Accepted:
 SKEW_REPORT = 900.0
 
 
+#: What a replayed packet is told (the log line names the reason too).
+REPLAYED = "this packet was already used"
+
+
 class Verifier:
     """Holds the pair keys of every authorized client and the hint index for the current epochs."""
 
@@ -92,6 +96,7 @@ class Verifier:
         }
         self._hints: dict[bytes, tuple[Client, int]] = {}
         self._epochs: tuple[int, int] = (1, 0)  # empty range: built on first use
+        self._steady: tuple[float, float] = (0.0, 0.0)  # times during which the index stays as it is
         #: Packets made before this Unix time are refused ("restart"): set when
         #: the machine went down with the daemon running, so that the nonces
         #: of the last packets accepted may not have reached the disk.
@@ -101,9 +106,15 @@ class Verifier:
         return len(self.clients)
 
     def _refresh(self, now: float) -> None:
+        if self._steady[0] <= now < self._steady[1]:
+            return  # the common case, per packet: no epoch arithmetic
         reach = self.window + SKEW_REPORT
         lo = protocol.epoch_of(max(0, math.floor((now - reach) * 1000)))
         hi = protocol.epoch_of(max(0, math.floor((now + reach) * 1000)))
+        if now - reach > 0:
+            # Neither end of the index moves inside this span (a millisecond inside, for rounding).
+            e = protocol.HINT_EPOCH
+            self._steady = (max(lo * e + reach, hi * e - reach) + 0.001, min((lo + 1) * e + reach, (hi + 1) * e - reach) - 0.001)
         if (lo, hi) == self._epochs:
             return
         old_lo, old_hi = self._epochs
@@ -116,6 +127,24 @@ class Verifier:
         self._hints = hints
         self._epochs = (lo, hi)
 
+    def screen(self, data: bytes, now: float, seen: Callable[[bytes], bool]) -> str | None:
+        """The junk reason (``size``, ``version``, ``replay``, ``unknown-key``) of a datagram, or None: then ``check`` it.
+
+        The first steps of ``check``, in its order, without an exception: for
+        the capture loop under a flood of junk or replays. Where ``screen``
+        names a reason, ``check`` raises ``PacketRejected`` with that reason.
+        """
+        if len(data) != protocol.PACKET_SIZE:
+            return "size"
+        if data[0] != protocol.VERSION:
+            return "version"
+        if seen(data[1 + protocol.HINT_SIZE:protocol.HEADER_SIZE]):
+            return "replay"
+        self._refresh(now)
+        if data[1:1 + protocol.HINT_SIZE] not in self._hints:
+            return "unknown-key"
+        return None
+
     def check(self, data: bytes, source: Address, now: float, seen: Callable[[bytes], bool]) -> Accepted:
         """Decide on one datagram from ``source``; raises ``PacketRejected`` with the reason."""
         header = protocol.open_header(data)
@@ -124,7 +153,7 @@ class Verifier:
         # a flood of replayed packets is dropped for a dictionary lookup,
         # before any decryption.
         if seen(header.nonce):
-            raise PacketRejected("replay", "this packet was already used")
+            raise PacketRejected("replay", REPLAYED)
         self._refresh(now)
         found = self._hints.get(header.hint)
         if found is None:

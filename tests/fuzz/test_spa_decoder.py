@@ -41,12 +41,21 @@ sources = st.one_of(st.just(SOURCE), st.integers(0, 2**32 - 1).map(ipaddress.IPv
 
 
 def check(data: bytes, source=SOURCE, now: float = NOW, verifier: Verifier = VERIFIER, seen=lambda n: False):
-    """The verdict: the Accepted, or the PacketRejected (any other exception fails the test)."""
+    """The verdict: the Accepted, or the PacketRejected (any other exception fails the test).
+
+    Every call also holds ``Verifier.screen`` (the capture loop's junk fast
+    path) to what ``check`` decides: a datagram it calls junk is rejected
+    for that very reason.
+    """
+    junk = verifier.screen(data, now, seen)
     try:
-        return verifier.check(data, source, now, seen)
+        verdict = verifier.check(data, source, now, seen)
     except PacketRejected as exc:
         assert exc.reason and isinstance(exc.reason, str)
-        return exc
+        verdict = exc
+    if junk is not None:
+        assert isinstance(verdict, PacketRejected) and verdict.reason == junk, (junk, verdict)
+    return verdict
 
 
 def valid(door="door", address=ADDRESS, duration=0, time_ms=NOW_MS, nonce=None) -> bytes:
@@ -173,3 +182,30 @@ def test_any_packet_time_against_any_clock(time_ms, now):
     verdict = check(valid(time_ms=time_ms), now=now)
     if not isinstance(verdict, Exception):
         assert abs(time_ms / 1000 - now) <= VERIFIER.window
+
+
+@_fewer
+@given(st.floats(1e6, 2**40, allow_nan=False), st.lists(st.floats(0, 45), min_size=1, max_size=30))
+def test_the_hint_index_skips_its_arithmetic_only_while_it_would_not_change(start, steps):
+    """``_refresh`` returns early inside a span where neither end of the index moves: the index is
+    always the one a fresh verifier builds for that moment, epoch boundaries included."""
+    moving = Verifier(SERVER_SEED, [SpaDoor("door", (AuthorizedKey(CLIENT_PUBLIC, "c", 1),), 30.0)], 60.0)
+    now = start
+    for step in steps:
+        now += step
+        moving._refresh(now)
+        fresh = Verifier(SERVER_SEED, [SpaDoor("door", (AuthorizedKey(CLIENT_PUBLIC, "c", 1),), 30.0)], 60.0)
+        fresh._refresh(now)
+        assert moving._epochs == fresh._epochs and set(moving._hints) == set(fresh._hints)
+
+
+def test_the_hint_index_at_the_millisecond_around_each_end_moving():
+    reach = 60.0 + 900.0
+    moving = Verifier(SERVER_SEED, [SpaDoor("door", (AuthorizedKey(CLIENT_PUBLIC, "c", 1),), 30.0)], 60.0)
+    for k in range(3):
+        for edge in (NOW // 30 * 30 + 30 * k + reach, NOW // 30 * 30 + 30 * k - reach + 30 * 64):
+            for d in (-0.002, -0.001, -0.0005, 0.0, 0.0005, 0.001, 0.002):
+                moving._refresh(edge + d)
+                fresh = Verifier(SERVER_SEED, [SpaDoor("door", (AuthorizedKey(CLIENT_PUBLIC, "c", 1),), 30.0)], 60.0)
+                fresh._refresh(edge + d)
+                assert moving._epochs == fresh._epochs, (edge, d)
