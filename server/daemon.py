@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from spa import hint_filter, rotating_match
 from spa.authorize import Verifier
 from spa.config import Config, Door, load_config
 from spa.errors import ConfigError, InvalidGrant, SpaError
@@ -28,10 +29,10 @@ from spa.knock import Knock, address
 from spa.matcher import TCP, UDP, MatchDoor, MatchEvent, Matcher
 from spa.metrics import Metric, render
 from spa.packet import fields, udp_payload
+from spa.protocol import HINT_EPOCH, PACKET_SIZE, VERSION
 from spa.replay import ReplayCache
-from spa import rotating_match
 from spa.rotating_match import RotatingDoor, SourceBound
-from spa.filter import capture_expression
+from spa.filter import SpaPort, capture_expression, knocks_on
 from spa.server import netlink
 from spa.server.bpf import DROP_ALL, FilterError, compile_filter
 from spa.server.capture import ANY, Capture
@@ -199,6 +200,12 @@ class Daemon:
         self.started = time.time()
         self._next_metrics = 0.0
         self.filter_expression: str | None = None
+        # The compiled filter, whether it screens an SPA port, what the sockets hold, and the hint index it used.
+        self._compiled: list = DROP_ALL
+        self._compiled_spa = False
+        self._installed: list | None = None
+        self._hint_epochs: tuple[int, int] | None = None
+        self._hint_mode = ""
         self.notifier = Notifier()
         self._throttle = Throttle()
         self.replay = ReplayCache()
@@ -270,34 +277,65 @@ class Daemon:
         self.rebuild_filter()
 
     def rebuild_filter(self) -> None:
-        """Install the kernel filter for the current doors and addresses, if it changed."""
+        """Install the kernel filter for the current doors, addresses and SPA key hints, if it changed."""
         local = set(self.matcher.local_addresses or ())
         targets = {d.target for d in self.matcher.doors if d.target is not None}
         steps = set()
         for d in self.matcher.doors:
             for s in (*d.sequence, *d.guards):
                 steps.add((s.proto, s.port, d.tcpflags))
-        if self.spa_port is not None:
-            steps.add(("udp", self.spa_port, None))
         dests = local | targets
         ranges = self.bound.ranges()
-        expr = capture_expression(dests, steps, ranges)
-        if expr == self.filter_expression:
+        spa = None
+        if self.spa_port is not None:
+            if knocks_on("udp", self.spa_port, steps, ranges):
+                steps.add(("udp", self.spa_port, None))  # a door knocks there too: it sees every datagram
+            else:
+                spa = SpaPort(self.spa_port, PACKET_SIZE, VERSION)
+        expr = capture_expression(dests, steps, ranges, spa=spa)
+        if expr != self.filter_expression:
+            try:
+                insns = compile_filter(expr) if expr is not None else DROP_ALL
+            except FilterError as exc:
+                coarse = capture_expression(dests, steps, ranges, coarse=2, spa=spa)
+                log.warning("capture filter too large (%s); passing port ranges instead", exc)
+                expr, insns = coarse, compile_filter(coarse) if coarse is not None else DROP_ALL
+            self._compiled, self._compiled_spa = insns, spa is not None and expr is not None
+            self.filter_expression = expr
+            log.debug("capture filter: %s", expr)
+        program = self._with_hints(self._compiled) if self._compiled_spa else self._compiled
+        if program == self._installed:
             return
-        try:
-            insns = compile_filter(expr) if expr is not None else DROP_ALL
-        except FilterError as exc:
-            coarse = capture_expression(dests, steps, ranges, coarse=2)
-            log.warning("capture filter too large (%s); passing port ranges instead", exc)
-            expr, insns = coarse, compile_filter(coarse) if coarse is not None else DROP_ALL
         try:
             assert self.capture is not None
-            self.capture.set_filter(insns)
+            self.capture.set_filter(program)
         except FilterError as exc:
             log.error("cannot install the capture filter (%s); keeping the previous one", exc)
+            self.filter_expression = None  # try again at the next rebuild
             return
-        log.debug("capture filter: %s", expr)
-        self.filter_expression = expr
+        self._installed = program
+
+    def _with_hints(self, program: list) -> list:
+        """``program`` with the SPA key-hint check (``spa.hint_filter``): the whole index, else the epochs
+        a packet can be accepted in, else none (said once in the log)."""
+        assert self.spa is not None and self.spa_port is not None
+        verifier, now = self.spa.verifier, time.time()
+        self._hint_epochs, hints = verifier.index(now), verifier.hints_at(now)
+        mode = f"the key hints of {len(verifier)} key(s) over the index ({len(hints)})"
+        if not hint_filter.fits(len(program), len(hints)):
+            hints = verifier.hints_at(now, verifier.window + HINT_EPOCH)
+            mode = (f"the key hints of {len(verifier)} key(s) for the time window only ({len(hints)}): packets "
+                    "from clocks off by more are dropped unseen, without the skew report")
+        if not hint_filter.fits(len(program), len(hints)):
+            mode = f"no key-hint check: too many keys ({len(verifier)}) for the kernel's filter"
+            out = program
+        else:
+            out = hint_filter.with_hint_check(program, self.spa_port, hints)
+        if mode != self._hint_mode:
+            (log.info if out is not program and "window only" not in mode else log.warning)(
+                "SPA port %d, kernel filter: %s", self.spa_port, mode)
+            self._hint_mode = mode
+        return out
 
     def _sync_sockets(self) -> None:
         assert self.capture is not None
@@ -378,6 +416,8 @@ class Daemon:
         self._log_events(self.bound.expire(time.monotonic()), time.monotonic())
         if self.spa is not None:
             self.replay.prune(time.time())
+            if self._compiled_spa and self.spa.verifier.index(time.time()) != self._hint_epochs:
+                self.rebuild_filter()  # the key hints moved on an epoch: a new postlude, no recompiling
             if time.monotonic() >= self._next_junk_summary:
                 self._next_junk_summary = time.monotonic() + JUNK_SUMMARY_INTERVAL
                 line = self.spa.summary()

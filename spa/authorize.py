@@ -127,6 +127,23 @@ class Verifier:
         self._hints = hints
         self._epochs = (lo, hi)
 
+    def index(self, now: float) -> tuple[int, int]:
+        """The first and last epoch whose hints the index holds at ``now``."""
+        self._refresh(now)
+        return self._epochs
+
+    def hints_at(self, now: float, span: float | None = None) -> list[bytes]:
+        """The hints the index holds at ``now`` (for the kernel's filter).
+
+        ``span``: only those of epochs within ``span`` seconds of ``now``.
+        """
+        self._refresh(now)
+        if span is None:
+            return list(self._hints)
+        lo = protocol.epoch_of(max(0, math.floor((now - span) * 1000)))
+        hi = protocol.epoch_of(max(0, math.floor((now + span) * 1000)))
+        return [h for h, (_c, e) in self._hints.items() if lo <= e <= hi]
+
     def screen(self, data: bytes, now: float, seen: Callable[[bytes], bool]) -> str | None:
         """The junk reason (``size``, ``version``, ``replay``, ``unknown-key``) of a datagram, or None: then ``check`` it.
 

@@ -28,15 +28,25 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from spa.grant import Address
 from spa.knock import TcpFlags
 
 __all__ = ["knock_filter", "udp_port_filter", "port_expression", "coarse_ranges", "capture_expression",
-           "MAX_PRECISE_PORTS"]
+           "spa_term", "knocks_on", "SpaPort", "MAX_PRECISE_PORTS"]
 
 # Contiguous runs at least this long become one `portrange`.
 _RANGE_MIN = 3
+
+
+@dataclass(frozen=True, slots=True)
+class SpaPort:
+    """The SPA port, and what every SPA datagram carries: its payload size and first byte (the version)."""
+
+    port: int
+    size: int
+    version: int
 
 
 def _destinations(destinations: Iterable[Address]) -> list[Address]:
@@ -102,10 +112,28 @@ def _check_port(proto: str, port: int) -> None:
         raise ValueError(f"port {port!r} is out of range (0-65535)")
 
 
+def spa_term(spa: SpaPort, v4: bool, v6: bool) -> str:
+    """UDP datagrams to the SPA port of exactly the SPA size, with the version byte: anything else is junk.
+
+    ``udp[]`` is IPv4 only (as ``tcp[]``, see the module doc); IPv6 reads
+    the UDP header at 40, under the no-extension-header assumption the port
+    test already makes.
+    """
+    _check_port("udp", spa.port)
+    length = 8 + spa.size
+    tests = []
+    if v4:
+        tests.append(f"(ip and udp[4:2] = {length} and udp[8] = {spa.version})")
+    if v6:
+        tests.append(f"(ip6 and ip6[44:2] = {length} and ip6[48] = {spa.version})")
+    return f"(udp dst port {spa.port} and {_or(tests)})"
+
+
 def knock_filter(
     destinations: Iterable[Address],
     steps: Iterable[tuple[str, int, TcpFlags | None]],
     ranges: Iterable[tuple[str, int, int, TcpFlags | None]] = (),
+    spa: SpaPort | None = None,
 ) -> str | None:
     """The expression passing TCP/UDP packets to ``destinations`` whose (proto, dport[, flags]) is a step.
 
@@ -113,8 +141,10 @@ def knock_filter(
     "any flags" and ignored for UDP. A port with an any-flags step needs no
     flag test; flag tests that can never hold (a flag both set and clear) are
     dropped. ``ranges`` are whole port ranges ``(proto, lo, hi, flags)`` (rotating
-    doors that bind the source), each one ``portrange`` term. Returns ``None``
-    when nothing can match (see the module doc).
+    doors that bind the source), each one ``portrange`` term. ``spa`` adds the
+    SPA port, passing only datagrams of the SPA size and version (``spa_term``);
+    a door that knocks on that UDP port still gets every datagram to it.
+    Returns ``None`` when nothing can match (see the module doc).
     """
     addrs = _destinations(destinations)
     udp: set[int] = set()
@@ -151,6 +181,8 @@ def knock_filter(
             mask = (flags.must_set | flags.must_clear) & 0xFF
             term = f"({term} and {_flag_test(mask, flags.must_set & 0xFF, v4, v6)})"
         terms.append(term)
+    if spa is not None:
+        terms.append(spa_term(spa, v4, v6))
     if not terms:
         return None
     return f"{_dst_expression(addrs)} and {_or(terms)}"
@@ -208,6 +240,7 @@ def capture_expression(
     steps: Iterable[tuple[str, int, TcpFlags | None]],
     ranges: Iterable[tuple[str, int, int, TcpFlags | None]] = (),
     coarse: int | None = None,
+    spa: SpaPort | None = None,
 ) -> str | None:
     """The daemon's filter: precise port by port, or, past ``MAX_PRECISE_PORTS`` ports, a few ranges.
 
@@ -222,5 +255,12 @@ def capture_expression(
     if coarse is None and len({(p, n) for p, n, _ in steps}) > MAX_PRECISE_PORTS:
         coarse = COARSE_RANGES
     if coarse is not None:
-        return knock_filter(destinations, (), [*coarse_ranges(steps, coarse), *ranges])
-    return knock_filter(destinations, steps, ranges)
+        return knock_filter(destinations, (), [*coarse_ranges(steps, coarse), *ranges], spa)
+    return knock_filter(destinations, steps, ranges, spa)
+
+
+def knocks_on(proto: str, port: int, steps: Iterable[tuple[str, int, TcpFlags | None]],
+              ranges: Iterable[tuple[str, int, int, TcpFlags | None]] = ()) -> bool:
+    """Whether a door's step or range covers ``proto``/``port`` (then every packet to it must reach the matcher)."""
+    return any(p == proto and n == port for p, n, _ in steps) or \
+        any(p == proto and lo <= port <= hi for p, lo, hi, _ in ranges)

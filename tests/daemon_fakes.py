@@ -37,6 +37,8 @@ class FakeCapture:
     def __init__(self) -> None:
         self.packets: list[tuple[bytes, float]] = []
         self.sock = object()
+        #: Each program handed to ``set_filter``, in order.
+        self.filters: list[list] = []
 
     def read(self, sock):
         out, self.packets = self.packets, []
@@ -45,7 +47,8 @@ class FakeCapture:
     def sockets(self):
         return [self.sock]
 
-    def set_filter(self, insns) -> None: ...
+    def set_filter(self, insns) -> None:
+        self.filters.append(list(insns))
 
     def refresh(self) -> bool:
         return False

@@ -197,26 +197,31 @@ def test_every_bad_packet_is_rejected_and_nothing_opens(lab, tmp_path, keys):
     another_server = protocol.public_of(os.urandom(32))
     good = packet(keys)
     try:
+        # What the kernel's filter drops (wrong size or version, a hint no key has): sent first,
+        # they must never reach the daemon.
+        kernel = [bytes([good[0] ^ 1]) + good[1:], good[:1] + bytes([good[1] ^ 8]) + good[2:], good[:-1],
+                  good + b"\0", packet(keys, server_public=another_server)]
+        for data in kernel:
+            send(lab, data)
         cases = []
-        for bit in (0, 8 * 1 + 3, 8 * 20, 8 * 40 + 7, 8 * 100, 8 * (len(good) - 1)):  # version, hint, nonce, body, tag
+        for bit in (8 * 20, 8 * 40 + 7, 8 * 100, 8 * (len(good) - 1)):  # nonce, body, tag: the AEAD fails
             flipped = bytearray(good)
             flipped[bit // 8] ^= 1 << (bit % 8)
-            cases.append((bytes(flipped), "dropped"))
+            cases.append((bytes(flipped), "dropped (aead)"))
         cases += [
-            (good[:-1], "dropped (size)"),
-            (good + b"\0", "dropped (size)"),
             (packet(keys, offset=-120), "rejected (stale)"),
             (packet(keys, offset=+120), "rejected (future)"),
-            (packet(keys, server_public=another_server), "dropped (unknown-key)"),
             (packet(keys, "others"), "rejected (policy)"),
             (packet(keys, "nosuchdoor"), "rejected (policy)"),
             (packet(keys, "old"), "rejected (expired)"),
             (packet(keys, "fenced"), "rejected (from)"),
-            (packet(keys, pair=keys.other), "dropped (unknown-key)"),
         ]
         for i, (data, reason) in enumerate(cases):
             send(lab, data)
             assert server.wait_log(reason, count=sum(1 for _, r in cases[: i + 1] if r == reason)), (i, reason)
+        for reason in ("size", "version", "unknown-key"):
+            assert f"dropped ({reason})" not in server.text()
+        assert "SPA port 62201, kernel filter: the key hints of 2 key(s) over the index" in server.text()
         assert stays_closed(lab)
         assert server.text().count("OPEN SESAME") == 0
         send(lab, good)  # the untouched original is still good: nothing above consumed it
@@ -273,7 +278,11 @@ def test_rotation_without_lockout_then_revocation_by_sighup(lab, tmp_path, keys)
         time.sleep(0.3)
         assert lab.wait_for(False, SERVER_V4, limit=DURATION + 2) is not None
         send(lab, packet(keys, pair=old))
-        assert server.wait_log("dropped (unknown-key)")  # the server no longer knows the key at all
+        send(lab, packet(keys, pair=new, offset=-120))  # a marker that reaches the daemon, sent after it
+        assert server.wait_log("rejected (stale)")
+        # The server no longer knows the old key at all: the reload took its hints out of the
+        # kernel's filter, so its packet never reached the daemon.
+        assert "dropped (unknown-key)" not in server.text()
         assert stays_closed(lab)
         send(lab, packet(keys, pair=new))
         assert lab.wait_for(True, SERVER_V4, limit=2) is not None

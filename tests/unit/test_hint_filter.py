@@ -1,0 +1,155 @@
+"""The SPA key-hint check in the kernel's filter, run on a classic BPF interpreter (``tests/cbpf.py``).
+
+Programs are the daemon's own: libpcap's compilation of ``spa.filter.capture_expression``
+with the SPA port, then ``spa.hint_filter.with_hint_check``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+
+import pytest
+
+from spa import hint_filter
+from spa.filter import SpaPort, capture_expression
+from spa.protocol import HINT_SIZE, PACKET_SIZE, VERSION
+from spa.server.bpf import compile_filter
+from tests import rawip
+from tests.cbpf import run, validate
+
+SERVER4, SERVER6 = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("2001:db8::1")
+PORT = 62201
+STEPS = {("tcp", 7000, None), ("udp", 9000, None)}
+
+
+def _program(hints, dests=(SERVER4, SERVER6)) -> list:
+    base = compile_filter(capture_expression(list(dests), STEPS, spa=SpaPort(PORT, PACKET_SIZE, VERSION)))
+    program = hint_filter.with_hint_check(base, PORT, hints)
+    validate(program)
+    assert len(program) == hint_filter.size(len(base), len(hint_filter.prefixes(hints)))
+    return program
+
+
+def _spa(hint: bytes, *, v6: bool = False, size: int = PACKET_SIZE, version: int = VERSION, port: int = PORT,
+         ihl: int = 5, frag: int = 0) -> bytes:
+    payload = (bytes([version]) + hint + os.urandom(PACKET_SIZE))[:size]
+    datagram = rawip.udp(40000, port, payload)
+    if v6:
+        return rawip.ipv6(rawip.UDP, datagram)
+    return rawip.ipv4(rawip.UDP, datagram, ihl=ihl, frag=frag)
+
+
+def _hints(n: int, seed: int = 1) -> list[bytes]:
+    rng = random.Random(seed)
+    return [rng.randbytes(HINT_SIZE) for _ in range(n)]
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_a_listed_hint_passes_and_any_other_is_dropped(v6):
+    hints = _hints(3)
+    program = _program(hints)
+    for h in hints:
+        assert run(program, _spa(h, v6=v6))
+    assert not run(program, _spa(b"\x00" * HINT_SIZE, v6=v6))
+    assert not run(program, _spa(_hints(1, seed=99)[0], v6=v6))
+    # Only the first four bytes are the kernel's: the verifier checks the rest.
+    assert run(program, _spa(hints[0][:4] + b"\xff" * 4, v6=v6))
+
+
+def test_size_version_and_port_are_still_libpcaps():
+    h = _hints(1)
+    program = _program(h)
+    assert not run(program, _spa(h[0], size=PACKET_SIZE - 1))
+    assert not run(program, _spa(h[0], version=VERSION + 1))
+    assert not run(program, _spa(h[0], port=PORT + 1))
+    assert not run(program, rawip.ipv4(rawip.UDP, rawip.udp(40000, PORT, bytes([VERSION]) + h[0]), dst="192.0.2.9"))
+
+
+def test_ipv4_options_move_the_udp_header_and_the_hint_with_it():
+    h = _hints(1)
+    program = _program(h)
+    assert run(program, _spa(h[0], ihl=7))
+    assert not run(program, _spa(_hints(1, seed=5)[0], ihl=7))
+
+
+def test_knocks_go_through_untouched():
+    program = _program(_hints(2))
+    assert run(program, rawip.ipv4(rawip.TCP, rawip.tcp(40000, 7000)))
+    assert run(program, rawip.ipv4(rawip.UDP, rawip.udp(40000, 9000, b"x")))
+    assert run(program, rawip.ipv6(rawip.TCP, rawip.tcp(40000, 7000)))
+    assert not run(program, rawip.ipv4(rawip.TCP, rawip.tcp(40000, 7001)))
+
+
+def test_no_key_means_no_datagram_to_the_spa_port():
+    program = _program([])
+    assert not run(program, _spa(_hints(1)[0]))
+    assert run(program, rawip.ipv4(rawip.TCP, rawip.tcp(40000, 7000)))
+
+
+def test_many_hints_span_several_blocks_and_every_one_is_found():
+    hints = _hints(1300, seed=3)
+    program = _program(hints)
+    assert hint_filter.fits(len(program) - hint_filter.size(0, 1300), 1300)
+    for h in hints[::7] + hints[-3:]:
+        assert run(program, _spa(h)) and run(program, _spa(h, v6=True))
+    for h in _hints(200, seed=4):
+        assert not run(program, _spa(h))
+
+
+def test_fits_is_the_kernels_limit():
+    assert hint_filter.fits(100, 3900) and not hint_filter.fits(100, 4000)
+    assert hint_filter.size(50, 0) == 50 + 20 + 1
+
+
+def test_refused_programs():
+    with pytest.raises(ValueError, match="returns A"):
+        hint_filter.with_hint_check([(0x16, 0, 0, 0)], PORT, [])
+    with pytest.raises(ValueError, match="accepts nothing"):
+        hint_filter.with_hint_check([(0x06, 0, 0, 0)], PORT, [])
+
+
+def test_the_daemon_moves_the_kernels_hints_with_the_index_at_each_epoch(tmp_path, monkeypatch):
+    import time
+    import types
+    from pathlib import Path
+
+    import spa.server.daemon as daemon_module
+    from spa.authorize import SKEW_REPORT
+    from spa.keys import ed25519
+    from spa.protocol import HINT_EPOCH, epoch_of
+    from spa.server.daemon import Daemon, Runtime, Settings
+    from tests.daemon_fakes import FakeCapture, FakeManager
+
+    server = ed25519.generate(str(tmp_path / "server.key"), "server", "s")
+    client = ed25519.generate(str(tmp_path / "client.key"), "client", "c")
+    (tmp_path / "authorized_keys").write_text(Path(client.path + ".pub").read_text())
+    conf = tmp_path / "knockd.conf"
+    conf.write_text(f"[options]\n    ServerKey = {server.path}\n[ssh]\n    authorized_keys = "
+                    f"{tmp_path / 'authorized_keys'}\n    open = 22/tcp\n    cmd_timeout = 30\n")
+    clock = [1_750_000_015.0]  # mid-epoch
+    monkeypatch.setattr(daemon_module, "time", types.SimpleNamespace(
+        time=lambda: clock[0], monotonic=time.monotonic, strftime=time.strftime, localtime=time.localtime))
+    d = Daemon(Settings(), Runtime.load(str(conf)), FakeManager())
+    d.capture = FakeCapture()
+    d.matcher.local_addresses = frozenset({SERVER4})
+    try:
+        pair = next(iter(d.spa.verifier.clients.values())).pair
+        reach = d.spa.verifier.window + SKEW_REPORT
+        far = epoch_of(int((clock[0] + reach) * 1000)) + 1  # just beyond the index, for now
+        old = epoch_of(int((clock[0] - reach) * 1000))  # the oldest epoch the index holds
+        d.rebuild_filter()
+        first = d.capture.filters[-1]
+        assert run(first, _spa(pair.hint(epoch_of(int(clock[0] * 1000)))))
+        assert run(first, _spa(pair.hint(old))) and not run(first, _spa(pair.hint(far)))
+        d._tick()
+        assert len(d.capture.filters) == 1  # the same epoch: nothing to change
+        clock[0] += HINT_EPOCH
+        d._tick()
+        moved = d.capture.filters[-1]
+        assert len(d.capture.filters) == 2
+        assert run(moved, _spa(pair.hint(far))) and not run(moved, _spa(pair.hint(old)))
+    finally:
+        d.capture = None
+        d.close()
