@@ -17,6 +17,7 @@ from spa.filter import knock_filter, port_expression, udp_port_filter
 from spa.knock import ACK, FIN, PSH, RST, SYN, URG, TcpFlags
 from spa.packet import parse_ip
 from spa.server.bpf import BPF_MAXINSNS, DLT_RAW, DROP_ALL, FilterError, attach_filter, compile_filter
+from tests.cbpf import run
 from tests.rawip import DEST_OPTS, FRAGMENT, ICMP, TCP, UDP, ext, frag6, ipv4, ipv6, tcp, udp
 
 ip = ipaddress.ip_address
@@ -24,114 +25,8 @@ SERVER4, OTHER4 = ip("192.0.2.1"), ip("192.0.2.9")
 SERVER6, OTHER6 = ip("2001:db8::1"), ip("2001:db8::9")
 
 
-# -- a classic BPF interpreter (the subset libpcap emits, and a bit more) ------------
-
-class Unsupported(Exception):
-    pass
-
-
-def run_bpf(prog, pkt: bytes) -> int:
-    """Run ``prog`` on ``pkt`` as the kernel does: the return value is the bytes to keep (0: drop)."""
-    a = x = 0
-    mem = [0] * 16
-    n = len(pkt)
-    pc = 0
-    for _ in range(len(prog)):  # classic BPF only jumps forward
-        code, jt, jf, k = prog[pc]
-        pc += 1
-        cls = code & 0x07
-        if cls in (0x00, 0x01):  # LD, LDX
-            mode, size = code & 0xE0, code & 0x18
-            if cls == 0x01 and mode == 0xA0:  # ldxb 4*([k]&0xf)
-                if k >= n:
-                    return 0
-                x = (pkt[k] & 0x0F) * 4
-                continue
-            if mode == 0x00:
-                val = k
-            elif mode == 0x80:
-                val = n
-            elif mode == 0x60:
-                val = mem[k]
-            elif mode in (0x20, 0x40):  # abs, ind
-                off = k + (x if mode == 0x40 else 0)
-                width = {0x00: 4, 0x08: 2, 0x10: 1}[size]
-                if off + width > n:
-                    return 0  # the kernel drops on an out-of-bounds load
-                val = int.from_bytes(pkt[off:off + width], "big")
-            else:
-                raise Unsupported(hex(code))
-            if cls == 0x00:
-                a = val
-            else:
-                x = val
-        elif cls == 0x02:  # st
-            mem[k] = a
-        elif cls == 0x03:  # stx
-            mem[k] = x
-        elif cls == 0x04:  # ALU
-            op, src = code & 0xF0, (x if code & 0x08 else k)
-            if op == 0x00:
-                a += src
-            elif op == 0x10:
-                a -= src
-            elif op == 0x20:
-                a *= src
-            elif op == 0x30:
-                if src == 0:
-                    return 0
-                a //= src
-            elif op == 0x40:
-                a |= src
-            elif op == 0x50:
-                a &= src
-            elif op == 0x60:
-                a <<= src
-            elif op == 0x70:
-                a >>= src
-            elif op == 0x80:
-                a = -a
-            elif op == 0x90:
-                if src == 0:
-                    return 0
-                a %= src
-            elif op == 0xA0:
-                a ^= src
-            else:
-                raise Unsupported(hex(code))
-            a &= 0xFFFFFFFF
-        elif cls == 0x05:  # JMP
-            op = code & 0xF0
-            if op == 0x00:
-                pc += k
-                continue
-            src = x if code & 0x08 else k
-            if op == 0x10:
-                cond = a == src
-            elif op == 0x20:
-                cond = a > src
-            elif op == 0x30:
-                cond = a >= src
-            elif op == 0x40:
-                cond = bool(a & src)
-            else:
-                raise Unsupported(hex(code))
-            pc += jt if cond else jf
-        elif cls == 0x06:  # RET
-            rval = code & 0x18
-            return k if rval == 0x00 else a if rval == 0x10 else x
-        else:  # MISC
-            if code & 0xF8 == 0x00:
-                x = a
-            elif code & 0xF8 == 0x80:
-                a = x
-            else:
-                raise Unsupported(hex(code))
-    raise AssertionError("program ran off its end")
-
-
 def passes(prog, pkt: bytes) -> bool:
-    return run_bpf(prog, pkt) > 0
+    return run(prog, pkt) > 0
 
 
 def test_interpreter_on_known_programs():
@@ -139,7 +34,7 @@ def test_interpreter_on_known_programs():
     # tcpdump -y RAW -dd 'ip': ldb [0]; and #0xf0; jeq #0x40; ret #N; ret #0
     prog = [(0x30, 0, 0, 0), (0x54, 0, 0, 0xF0), (0x15, 0, 1, 0x40), (0x06, 0, 0, 65535), (0x06, 0, 0, 0)]
     assert passes(prog, ipv4(TCP, tcp())) and not passes(prog, ipv6(TCP, tcp()))
-    assert run_bpf([(0x06, 0, 0, 9)], b"") == 9
+    assert run([(0x06, 0, 0, 9)], b"") == 9
 
 
 # -- the compiler ------------------------------------------------------------------
@@ -334,7 +229,7 @@ def test_udp_port_filter():
     assert not passes(prog, ipv4(TCP, tcp(dport=62201)))
     assert not passes(prog, ipv4(UDP, udp(dport=62202)))
     assert not passes(prog, ipv4(UDP, udp(dport=62201), dst="192.0.2.9"))
-    assert run_bpf(prog, ipv4(UDP, udp(dport=62201, payload=b"x" * 1200))) >= 1228  # whole datagram kept
+    assert run(prog, ipv4(UDP, udp(dport=62201, payload=b"x" * 1200))) >= 1228  # whole datagram kept
 
 
 # -- the program agrees with the matcher's view of a packet ---------------------------
