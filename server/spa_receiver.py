@@ -89,7 +89,7 @@ class SpaReceiver:
                 log.warning("%s: SPA packet rejected (%s): %s", source, junk, REPLAYED)
             return None
         try:
-            acc = self.verifier.check(payload, source, now, self.replay.__contains__)
+            acc = self.verifier.check_screened(payload, source, now)
         except PacketRejected as exc:
             self.rejected[exc.reason] += 1
             if exc.reason in JUNK:

@@ -171,6 +171,13 @@ class Verifier:
         # before any decryption.
         if seen(header.nonce):
             raise PacketRejected("replay", REPLAYED)
+        return self.check_screened(data, source, now, header)
+
+    def check_screened(self, data: bytes, source: Address, now: float,
+                       header: protocol.Header | None = None) -> Accepted:
+        """``check`` for a datagram ``screen`` has passed: size, version and replay are not asked again."""
+        if header is None:
+            header = protocol.open_header(data)
         self._refresh(now)
         found = self._hints.get(header.hint)
         if found is None:

@@ -55,6 +55,12 @@ def check(data: bytes, source=SOURCE, now: float = NOW, verifier: Verifier = VER
         verdict = exc
     if junk is not None:
         assert isinstance(verdict, PacketRejected) and verdict.reason == junk, (junk, verdict)
+    else:  # the capture loop's path: screen, then the rest
+        try:
+            rest = verifier.check_screened(data, source, now)
+        except PacketRejected as exc:
+            rest = exc
+        assert type(rest) is type(verdict) and getattr(rest, "reason", None) == getattr(verdict, "reason", None)
     return verdict
 
 
