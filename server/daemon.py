@@ -321,19 +321,19 @@ class Daemon:
         assert self.spa is not None and self.spa_port is not None
         verifier, now = self.spa.verifier, time.time()
         self._hint_epochs, hints = verifier.index(now), verifier.hints_at(now)
-        mode = f"the key hints of {len(verifier)} key(s) over the index ({len(hints)})"
+        level, mode = logging.INFO, f"the key hints of {len(verifier)} key(s) over the index"
         if not hint_filter.fits(len(program), len(hints)):
             hints = verifier.hints_at(now, verifier.window + HINT_EPOCH)
-            mode = (f"the key hints of {len(verifier)} key(s) for the time window only ({len(hints)}): packets "
-                    "from clocks off by more are dropped unseen, without the skew report")
-        if not hint_filter.fits(len(program), len(hints)):
-            mode = f"no key-hint check: too many keys ({len(verifier)}) for the kernel's filter"
-            out = program
-        else:
+            level, mode = logging.WARNING, (
+                f"the key hints of {len(verifier)} key(s) for the time window only: packets "
+                "from clocks off by more are dropped unseen, without the skew report")
+        out = program
+        if hint_filter.fits(len(program), len(hints)):
             out = hint_filter.with_hint_check(program, self.spa_port, hints)
-        if mode != self._hint_mode:
-            (log.info if out is not program and "window only" not in mode else log.warning)(
-                "SPA port %d, kernel filter: %s", self.spa_port, mode)
+        else:
+            level, mode = logging.WARNING, f"no key-hint check: too many keys ({len(verifier)}) for the kernel's filter"
+        if mode != self._hint_mode:  # said once; the hint count moves with the epochs
+            log.log(level, "SPA port %d, kernel filter: %s (%d hints)", self.spa_port, mode, len(hints))
             self._hint_mode = mode
         return out
 

@@ -7,6 +7,7 @@ with the SPA port, then ``spa.hint_filter.with_hint_check``.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import random
 
@@ -110,30 +111,41 @@ def test_refused_programs():
         hint_filter.with_hint_check([(0x06, 0, 0, 0)], PORT, [])
 
 
-def test_the_daemon_moves_the_kernels_hints_with_the_index_at_each_epoch(tmp_path, monkeypatch):
+def _daemon(tmp_path, monkeypatch, clock: list[float], extra_keys: int = 0):
+    """A real Daemon with one SPA door (and ``extra_keys`` more authorized keys), a fake capture, our clock."""
     import time
     import types
     from pathlib import Path
 
     import spa.server.daemon as daemon_module
-    from spa.authorize import SKEW_REPORT
+    from spa import protocol
     from spa.keys import ed25519
-    from spa.protocol import HINT_EPOCH, epoch_of
+    from spa.keys.ed25519 import PublicKey, format_public
     from spa.server.daemon import Daemon, Runtime, Settings
     from tests.daemon_fakes import FakeCapture, FakeManager
 
     server = ed25519.generate(str(tmp_path / "server.key"), "server", "s")
     client = ed25519.generate(str(tmp_path / "client.key"), "client", "c")
-    (tmp_path / "authorized_keys").write_text(Path(client.path + ".pub").read_text())
+    lines = [Path(client.path + ".pub").read_text().strip()]
+    lines += [format_public(PublicKey(protocol.public_of(os.urandom(32)), f"k{i}")).strip() for i in range(extra_keys)]
+    (tmp_path / "authorized_keys").write_text("\n".join(lines) + "\n")
     conf = tmp_path / "knockd.conf"
     conf.write_text(f"[options]\n    ServerKey = {server.path}\n[ssh]\n    authorized_keys = "
                     f"{tmp_path / 'authorized_keys'}\n    open = 22/tcp\n    cmd_timeout = 30\n")
-    clock = [1_750_000_015.0]  # mid-epoch
     monkeypatch.setattr(daemon_module, "time", types.SimpleNamespace(
         time=lambda: clock[0], monotonic=time.monotonic, strftime=time.strftime, localtime=time.localtime))
     d = Daemon(Settings(), Runtime.load(str(conf)), FakeManager())
     d.capture = FakeCapture()
     d.matcher.local_addresses = frozenset({SERVER4})
+    return d
+
+
+def test_the_daemon_moves_the_kernels_hints_with_the_index_at_each_epoch(tmp_path, monkeypatch):
+    from spa.authorize import SKEW_REPORT
+    from spa.protocol import HINT_EPOCH, epoch_of
+
+    clock = [1_750_000_015.0]  # mid-epoch
+    d = _daemon(tmp_path, monkeypatch, clock)
     try:
         pair = next(iter(d.spa.verifier.clients.values())).pair
         reach = d.spa.verifier.window + SKEW_REPORT
@@ -150,6 +162,31 @@ def test_the_daemon_moves_the_kernels_hints_with_the_index_at_each_epoch(tmp_pat
         moved = d.capture.filters[-1]
         assert len(d.capture.filters) == 2
         assert run(moved, _spa(pair.hint(far))) and not run(moved, _spa(pair.hint(old)))
+    finally:
+        d.capture = None
+        d.close()
+
+
+@pytest.mark.parametrize("extra, mode, skewed", [
+    (69, "for the time window only", False),  # 70 keys x 65 epochs do not fit: the window's epochs do
+    (700, "no key-hint check", True),          # 701 keys x 7 epochs do not fit either: size and version only
+])
+def test_too_many_keys_narrow_the_kernels_list_then_drop_it(tmp_path, monkeypatch, caplog, extra, mode, skewed):
+    from spa.protocol import epoch_of
+
+    clock = [1_750_000_015.0]
+    d = _daemon(tmp_path, monkeypatch, clock, extra_keys=extra)
+    try:
+        with caplog.at_level(logging.INFO, logger="spa.server.daemon"):
+            d.rebuild_filter()
+        assert any(mode in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+        program = d.capture.filters[-1]
+        validate(program)
+        pair = d.spa.verifier.clients[d.spa.verifier.doors["ssh"].keys[0].public].pair  # the real client's
+        now = epoch_of(int(clock[0] * 1000))
+        assert run(program, _spa(pair.hint(now)))
+        # A clock 10 minutes off: its hint is in the index (for the skew report) but not in a narrowed list.
+        assert bool(run(program, _spa(pair.hint(now - 20)))) is skewed
     finally:
         d.capture = None
         d.close()
