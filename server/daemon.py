@@ -29,7 +29,7 @@ from spa.knock import Knock, address
 from spa.matcher import TCP, UDP, MatchDoor, MatchEvent, Matcher
 from spa.metrics import Metric, render
 from spa.packet import fields, udp_payload
-from spa.protocol import HINT_EPOCH, PACKET_SIZE, VERSION
+from spa.protocol import HINT_EPOCH, NONCE_SIZE, PACKET_SIZE, VERSION
 from spa.replay import ReplayCache
 from spa.rotating_match import RotatingDoor, SourceBound
 from spa.filter import SpaPort, capture_expression, knocks_on
@@ -205,6 +205,11 @@ class Daemon:
         self._compiled_spa = False
         self._installed: list | None = None
         self._hint_epochs: tuple[int, int] | None = None
+        self._replay_version = -1  # the replay cache's version the kernel's nonce list was made from
+        # The filter up to the nonce list (rebuilt when the doors or the key hints change), and what it needs.
+        self._hint_section: list | None = None
+        self._nonce_room = 0
+        self._accept_length = 0
         self._hint_mode = ""
         self.notifier = Notifier()
         self._throttle = Throttle()
@@ -303,7 +308,51 @@ class Daemon:
             self._compiled, self._compiled_spa = insns, spa is not None and expr is not None
             self.filter_expression = expr
             log.debug("capture filter: %s", expr)
-        program = self._with_hints(self._compiled) if self._compiled_spa else self._compiled
+        if self._compiled_spa:
+            program = self._with_hints(self._compiled)
+        else:
+            self._hint_section, program = None, self._compiled  # nothing left for refresh_nonces to put back
+        self._install(program)
+
+    def _with_hints(self, program: list) -> list:
+        """``program`` with the SPA key-hint check (``spa.hint_filter``): the whole index, else the epochs
+        a packet can be accepted in, else none (said once in the log); and the accepted packets' nonces."""
+        assert self.spa is not None and self.spa_port is not None
+        verifier, now = self.spa.verifier, time.time()
+        self._hint_epochs, hints = verifier.index(now), verifier.hints_at(now)
+        level, mode = logging.INFO, f"the key hints of {len(verifier)} key(s) over the index"
+        if not hint_filter.fits(len(program), len(hints)):
+            hints = verifier.hints_at(now, verifier.window + HINT_EPOCH)
+            level, mode = logging.WARNING, (
+                f"the key hints of {len(verifier)} key(s) for the time window only: packets "
+                "from clocks off by more are dropped unseen, without the skew report")
+        self._hint_section = None
+        if hint_filter.fits(len(program), len(hints)):
+            self._hint_section = hint_filter.hint_section(program, self.spa_port, hints)
+            self._nonce_room = hint_filter.room(len(program), len(hints))
+            self._accept_length = hint_filter.accept_length(program)
+        else:
+            level, mode = logging.WARNING, f"no key-hint check: too many keys ({len(verifier)}) for the kernel's filter"
+        if mode != self._hint_mode:  # said once; the hint count moves with the epochs
+            log.log(level, "SPA port %d, kernel filter: %s (%d hints)", self.spa_port, mode, len(hints))
+            self._hint_mode = mode
+        return self._with_nonces() if self._hint_section is not None else program
+
+    def _with_nonces(self) -> list:
+        """The hint section and, after it, the nonces of packets already accepted: a flood of one
+        captured packet stops in the kernel too (as many of the latest as the kernel's limit has room for)."""
+        assert self._hint_section is not None
+        self._replay_version = self.replay.version
+        refused = self.replay.latest(self._nonce_room, NONCE_SIZE)
+        return self._hint_section + hint_filter.nonce_section(refused, self._accept_length)
+
+    def refresh_nonces(self) -> None:
+        """Put the replay cache's nonces in the kernel's filter now (after an acceptance: no waiting for a tick)."""
+        if self._hint_section is None or self.replay.version == self._replay_version:
+            return
+        self._install(self._with_nonces())
+
+    def _install(self, program: list) -> None:
         if program == self._installed:
             return
         try:
@@ -314,28 +363,6 @@ class Daemon:
             self.filter_expression = None  # try again at the next rebuild
             return
         self._installed = program
-
-    def _with_hints(self, program: list) -> list:
-        """``program`` with the SPA key-hint check (``spa.hint_filter``): the whole index, else the epochs
-        a packet can be accepted in, else none (said once in the log)."""
-        assert self.spa is not None and self.spa_port is not None
-        verifier, now = self.spa.verifier, time.time()
-        self._hint_epochs, hints = verifier.index(now), verifier.hints_at(now)
-        level, mode = logging.INFO, f"the key hints of {len(verifier)} key(s) over the index"
-        if not hint_filter.fits(len(program), len(hints)):
-            hints = verifier.hints_at(now, verifier.window + HINT_EPOCH)
-            level, mode = logging.WARNING, (
-                f"the key hints of {len(verifier)} key(s) for the time window only: packets "
-                "from clocks off by more are dropped unseen, without the skew report")
-        out = program
-        if hint_filter.fits(len(program), len(hints)):
-            out = hint_filter.with_hint_check(program, self.spa_port, hints)
-        else:
-            level, mode = logging.WARNING, f"no key-hint check: too many keys ({len(verifier)}) for the kernel's filter"
-        if mode != self._hint_mode:  # said once; the hint count moves with the epochs
-            log.log(level, "SPA port %d, kernel filter: %s (%d hints)", self.spa_port, mode, len(hints))
-            self._hint_mode = mode
-        return out
 
     def _sync_sockets(self) -> None:
         assert self.capture is not None
@@ -418,6 +445,8 @@ class Daemon:
             self.replay.prune(time.time())
             if self._compiled_spa and self.spa.verifier.index(time.time()) != self._hint_epochs:
                 self.rebuild_filter()  # the key hints moved on an epoch: a new postlude, no recompiling
+            else:
+                self.refresh_nonces()  # nonces the cache has just forgotten leave the kernel's list
             if time.monotonic() >= self._next_junk_summary:
                 self._next_junk_summary = time.monotonic() + JUNK_SUMMARY_INTERVAL
                 line = self.spa.summary()
@@ -484,6 +513,7 @@ class Daemon:
             self.manager.submit(grant, (acc.nonce, acc.remember_until))
         else:  # a door that only logs: the nonce is still kept, off the loop
             self._io.submit(self.manager.journal.remember, [(acc.nonce, acc.remember_until)])
+        self.refresh_nonces()  # copies of this packet now stop in the kernel
         self.stats["opens"] += 1
         events.info("%s: %s: OPEN SESAME (SPA key %s%s) for %s, %.0f s", self.names(source), acc.door, acc.key_id,
                     f" {acc.comment}" if acc.comment else "", acc.address, acc.duration)

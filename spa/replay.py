@@ -17,6 +17,8 @@ class ReplayCache:
     def __init__(self) -> None:
         self._until: dict[bytes, float] = {}
         self._heap: list[tuple[float, bytes]] = []
+        #: Bumped by every change: the kernel's copy of the recent nonces follows it.
+        self.version = 0
 
     def __contains__(self, nonce: bytes) -> bool:
         return nonce in self._until
@@ -28,6 +30,7 @@ class ReplayCache:
         if until > self._until.get(nonce, float("-inf")):
             self._until[nonce] = until
             heapq.heappush(self._heap, (until, nonce))
+            self.version += 1
 
     def prune(self, now: float) -> int:
         """Forget entries whose time has passed; the number forgotten."""
@@ -38,4 +41,10 @@ class ReplayCache:
             if until.get(nonce) == t:
                 del until[nonce]
                 n += 1
+        self.version += n
         return n
+
+    def latest(self, count: int, size: int | None = None) -> list[bytes]:
+        """Up to ``count`` nonces, those remembered longest first (the packets made last); ``size``: of that length only."""
+        items = ((u, n) for n, u in self._until.items() if size is None or len(n) == size)
+        return [n for _u, n in heapq.nlargest(count, items)]

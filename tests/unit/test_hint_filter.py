@@ -101,7 +101,44 @@ def test_many_hints_span_several_blocks_and_every_one_is_found():
 
 def test_fits_is_the_kernels_limit():
     assert hint_filter.fits(100, 3900) and not hint_filter.fits(100, 4000)
-    assert hint_filter.size(50, 0) == 50 + 20 + 1
+    assert hint_filter.fits(100, 3000, 800) and not hint_filter.fits(100, 3000, 1000)
+    for hints in (0, 300, 3000, 3900):
+        n = hint_filter.room(100, hints)
+        assert hint_filter.fits(100, hints, n) and not hint_filter.fits(100, hints, n + 1)
+    assert hint_filter.room(100, 4000) == 0
+    for hints, nonces in ((0, 0), (3, 0), (250, 1), (251, 250), (1300, 700)):
+        program = [(0x06, 0, 0, 65535)]
+        built = hint_filter.with_hint_check(program, PORT, [i.to_bytes(4, "big") for i in range(hints)],
+                                            [i.to_bytes(4, "big") + bytes(20) for i in range(nonces)])
+        assert len(built) == hint_filter.size(1, hints, nonces)
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_a_listed_nonce_is_dropped_in_the_kernel_with_its_hint_still_good(v6):
+    hints = _hints(2)
+    packets = [_spa(hints[0], v6=v6) for _ in range(3)]
+    ip = 40 if v6 else 20  # the nonce follows the UDP header, the version byte and the hint
+    refused = [p[ip + 8 + 1 + HINT_SIZE:][:24] for p in packets[:2]]
+    program = _program_with(hints, refused)
+    assert not run(program, packets[0]) and not run(program, packets[1])  # replays of accepted packets
+    assert run(program, packets[2])  # a new packet of the same client
+    assert run(program, rawip.ipv4(rawip.TCP, rawip.tcp(40000, 7000)))
+
+
+def test_many_nonces_span_several_blocks():
+    hints = _hints(1)
+    packets = [_spa(hints[0]) for _ in range(600)]
+    refused = [p[20 + 8 + 1 + HINT_SIZE:][:24] for p in packets[:520]]
+    program = _program_with(hints, refused)
+    assert not any(run(program, p) for p in packets[:520])
+    assert all(run(program, p) for p in packets[520:])
+
+
+def _program_with(hints, refused) -> list:
+    base = compile_filter(capture_expression([SERVER4, SERVER6], STEPS, spa=SpaPort(PORT, PACKET_SIZE, VERSION)))
+    program = hint_filter.with_hint_check(base, PORT, hints, refused)
+    validate(program)
+    return program
 
 
 def test_refused_programs():
@@ -187,6 +224,31 @@ def test_too_many_keys_narrow_the_kernels_list_then_drop_it(tmp_path, monkeypatc
         assert run(program, _spa(pair.hint(now)))
         # A clock 10 minutes off: its hint is in the index (for the skew report) but not in a narrowed list.
         assert bool(run(program, _spa(pair.hint(now - 20)))) is skewed
+    finally:
+        d.capture = None
+        d.close()
+
+
+def test_the_daemon_lists_accepted_nonces_in_the_kernel_and_forgets_them_with_the_cache(tmp_path, monkeypatch):
+    from spa.protocol import epoch_of
+
+    clock = [1_750_000_015.0]
+    d = _daemon(tmp_path, monkeypatch, clock)
+    try:
+        pair = next(iter(d.spa.verifier.clients.values())).pair
+        packet = _spa(pair.hint(epoch_of(int(clock[0] * 1000))))
+        nonce = packet[20 + 8 + 1 + HINT_SIZE:][:24]
+        d.rebuild_filter()
+        assert run(d.capture.filters[-1], packet)
+        d.replay.add(nonce, clock[0] + 61)  # the packet was accepted
+        d.replay.add(b"R" * 32, clock[0] + 61)  # a used rotating sequence: not an SPA nonce
+        d._tick()
+        assert len(d.capture.filters) == 2 and not run(d.capture.filters[-1], packet)
+        d._tick()
+        assert len(d.capture.filters) == 2  # nothing changed since
+        clock[0] += 62
+        d._tick()  # the window is over: the cache forgets the nonce, and so does the kernel
+        assert run(d.capture.filters[-1], packet)
     finally:
         d.capture = None
         d.close()

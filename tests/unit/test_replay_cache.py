@@ -124,3 +124,18 @@ def test_prune_touches_only_what_expires():
     assert cache.prune(1000.0 + 9) == 10
     assert len(cache) == BIG - 10
     assert _n(9) not in cache and _n(10) in cache
+
+
+def test_latest_gives_the_nonces_remembered_longest_and_version_counts_changes():
+    c = ReplayCache()
+    v0 = c.version
+    for i, until in enumerate((30.0, 10.0, 20.0)):
+        c.add(bytes([i]) * 24, until)
+    c.add(b"R" * 32, 40.0)  # a used rotating sequence: another length
+    assert c.version == v0 + 4
+    assert c.latest(2, 24) == [b"\x00" * 24, b"\x02" * 24]
+    assert c.latest(10) == [b"R" * 32, b"\x00" * 24, b"\x02" * 24, b"\x01" * 24]
+    c.add(b"\x01" * 24, 5.0)  # not later than what it has: no change
+    assert c.version == v0 + 4
+    assert c.prune(15.0) == 1 and c.version == v0 + 5
+    assert c.latest(10, 24) == [b"\x00" * 24, b"\x02" * 24]
