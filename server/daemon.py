@@ -56,6 +56,9 @@ TICK = 1.0
 METRICS_INTERVAL = 5.0
 #: How often junk on the SPA port is summarized in the log (never per packet).
 JUNK_SUMMARY_INTERVAL = 60.0
+#: Seconds from an accepted SPA packet to its nonce in the kernel's filter (copies before that are
+#: refused by the replay cache in Python, for a dictionary lookup each).
+NONCE_FILTER_DELAY = 0.05
 #: A classic door completed again by the same source within this share of its grant's duration
 #: (and at least REPEAT_HOLDOFF seconds) after it opened is counted, not acted on: the extension
 #: would move the deadline by less than that. A spoofed flood on a knock sequence completes the
@@ -210,6 +213,7 @@ class Daemon:
         self._hint_section: list | None = None
         self._nonce_room = 0
         self._accept_length = 0
+        self._nonces_due: float | None = None  # when an accepted nonce goes into the kernel's filter
         self._hint_mode = ""
         self.notifier = Notifier()
         self._throttle = Throttle()
@@ -347,7 +351,8 @@ class Daemon:
         return self._hint_section + hint_filter.nonce_section(refused, self._accept_length)
 
     def refresh_nonces(self) -> None:
-        """Put the replay cache's nonces in the kernel's filter now (after an acceptance: no waiting for a tick)."""
+        """Put the replay cache's nonces in the kernel's filter (soon after an acceptance, and at each tick)."""
+        self._nonces_due = None
         if self._hint_section is None or self.replay.version == self._replay_version:
             return
         self._install(self._with_nonces())
@@ -397,6 +402,8 @@ class Daemon:
             if self._next_rotation != float("inf"):
                 # Wake exactly at a window boundary: the new sequences and filter go in together.
                 timeout = min(timeout, max(0.0, self._next_rotation - time.time()))
+            if self._nonces_due is not None:
+                timeout = min(timeout, max(0.0, self._nonces_due - time.monotonic()))
             for key, _mask in self.selector.select(timeout):
                 kind = key.data
                 if kind == "packet":
@@ -422,6 +429,8 @@ class Daemon:
                     return
             if time.time() >= self._next_rotation:
                 self.rotate_sequences()
+            if self._nonces_due is not None and time.monotonic() >= self._nonces_due:
+                self.refresh_nonces()
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + TICK
                 self._tick()
@@ -513,7 +522,10 @@ class Daemon:
             self.manager.submit(grant, (acc.nonce, acc.remember_until))
         else:  # a door that only logs: the nonce is still kept, off the loop
             self._io.submit(self.manager.journal.remember, [(acc.nonce, acc.remember_until)])
-        self.refresh_nonces()  # copies of this packet now stop in the kernel
+        if self._nonces_due is None:
+            # Copies of this packet will stop in the kernel: soon, not now, when the grant has
+            # had the GIL to itself (building and attaching a filter is milliseconds of Python).
+            self._nonces_due = time.monotonic() + NONCE_FILTER_DELAY
         self.stats["opens"] += 1
         events.info("%s: %s: OPEN SESAME (SPA key %s%s) for %s, %.0f s", self.names(source), acc.door, acc.key_id,
                     f" {acc.comment}" if acc.comment else "", acc.address, acc.duration)

@@ -111,10 +111,11 @@ class Verifier:
         reach = self.window + SKEW_REPORT
         lo = protocol.epoch_of(max(0, math.floor((now - reach) * 1000)))
         hi = protocol.epoch_of(max(0, math.floor((now + reach) * 1000)))
-        if now - reach > 0:
-            # Neither end of the index moves inside this span (a millisecond inside, for rounding).
-            e = protocol.HINT_EPOCH
-            self._steady = (max(lo * e + reach, hi * e - reach) + 0.001, min((lo + 1) * e + reach, (hi + 1) * e - reach) - 0.001)
+        # Neither end of the index moves inside this span (a millisecond inside, for rounding); none
+        # near time 0, where the low end is clamped.
+        e = protocol.HINT_EPOCH
+        self._steady = (max(lo * e + reach, hi * e - reach) + 0.001,
+                        min((lo + 1) * e + reach, (hi + 1) * e - reach) - 0.001) if now - reach > 0 else (0.0, 0.0)
         if (lo, hi) == self._epochs:
             return
         old_lo, old_hi = self._epochs

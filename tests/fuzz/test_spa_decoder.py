@@ -215,3 +215,32 @@ def test_the_hint_index_at_the_millisecond_around_each_end_moving():
                 fresh = Verifier(SERVER_SEED, [SpaDoor("door", (AuthorizedKey(CLIENT_PUBLIC, "c", 1),), 30.0)], 60.0)
                 fresh._refresh(edge + d)
                 assert moving._epochs == fresh._epochs, (edge, d)
+
+
+@given(st.binary(min_size=0, max_size=300), st.binary(max_size=64), st.binary(min_size=24, max_size=24),
+       st.binary(min_size=32, max_size=32), st.integers(-1, 400), st.booleans())
+def test_aead_open_is_the_public_binding(plain, ad, nonce, key, flip, public):
+    """``protocol.aead_open`` (PyNaCl's cffi module straight) decides exactly as ``nacl.bindings`` does."""
+    import unittest.mock
+
+    sealed = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(plain, ad, nonce, key)
+    if 0 <= flip < len(sealed):
+        sealed = sealed[:flip] + bytes([sealed[flip] ^ 0x40]) + sealed[flip + 1:]
+    try:
+        want = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(sealed, ad, nonce, key)
+    except Exception:  # noqa: BLE001 - CryptoError
+        want = None
+    if public:  # the fallback for a PyNaCl without its cffi module
+        with unittest.mock.patch.object(protocol, "_lib", None):
+            assert protocol.aead_open(sealed, ad, nonce, key) == want
+    else:
+        assert protocol.aead_open(sealed, ad, nonce, key) == want
+    assert (want is None) == (0 <= flip < len(sealed))
+
+
+def test_the_hint_index_after_a_clock_near_zero_comes_back():
+    """A moment near time 0 (its index clamped) must not leave a stale span behind for later moments."""
+    v = Verifier(SERVER_SEED, [SpaDoor("door", (AuthorizedKey(CLIENT_PUBLIC, "c", 1),), 30.0)], 60.0)
+    assert not isinstance(check(valid(), verifier=v), Exception)
+    check(valid(), now=5.0, verifier=v)
+    assert not isinstance(check(valid(), verifier=v), Exception)
