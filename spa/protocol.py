@@ -36,6 +36,12 @@ from dataclasses import dataclass
 
 import nacl.bindings as sodium
 import nacl.exceptions
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from spa.errors import PacketRejected
+from spa.grant import Address
+from spa import keytext
 
 try:
     # PyNaCl's own cffi module, under its public bindings. A failed decryption
@@ -45,12 +51,6 @@ try:
     from nacl._sodium import ffi as _ffi, lib as _lib
 except ImportError:  # pragma: no cover - a PyNaCl without it: the public binding, slower
     _ffi = _lib = None
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-from spa.errors import PacketRejected
-from spa.grant import Address
-from spa import keytext
 
 VERSION = 1
 #: The hint changes every this many seconds.

@@ -4,8 +4,9 @@ A nonce only needs remembering while a packet carrying it could still pass
 the time window, so every entry has an end (``remember_until``) and the
 cache holds at most the packets accepted in one window: it cannot grow
 without bound (fwknop's never forgets and is scanned linearly). The durable
-copy lives in the grant journal (``spa.server.journal``), written in the
-same transaction as the grant, before the firewall is touched.
+copy lives in the grant journal (``spa.server.journal``), committed just
+before the grant opens; the daemon also hands the latest nonces to the
+kernel's capture filter (``spa.hint_filter``), so replays stop there.
 """
 
 from __future__ import annotations
