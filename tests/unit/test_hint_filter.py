@@ -148,8 +148,9 @@ def test_refused_programs():
         hint_filter.with_hint_check([(0x06, 0, 0, 0)], PORT, [])
 
 
-def _daemon(tmp_path, monkeypatch, clock: list[float], extra_keys: int = 0):
-    """A real Daemon with one SPA door (and ``extra_keys`` more authorized keys), a fake capture, our clock."""
+def _daemon(tmp_path, monkeypatch, clock: list[float], extra_keys: int = 0, more_doors: str = ""):
+    """A real Daemon with one SPA door (``extra_keys`` more authorized keys, ``more_doors`` more config),
+    a fake capture, our clock."""
     import time
     import types
     from pathlib import Path
@@ -168,7 +169,7 @@ def _daemon(tmp_path, monkeypatch, clock: list[float], extra_keys: int = 0):
     (tmp_path / "authorized_keys").write_text("\n".join(lines) + "\n")
     conf = tmp_path / "knockd.conf"
     conf.write_text(f"[options]\n    ServerKey = {server.path}\n[ssh]\n    authorized_keys = "
-                    f"{tmp_path / 'authorized_keys'}\n    open = 22/tcp\n    cmd_timeout = 30\n")
+                    f"{tmp_path / 'authorized_keys'}\n    open = 22/tcp\n    cmd_timeout = 30\n{more_doors}")
     monkeypatch.setattr(daemon_module, "time", types.SimpleNamespace(
         time=lambda: clock[0], monotonic=time.monotonic, strftime=time.strftime, localtime=time.localtime))
     d = Daemon(Settings(), Runtime.load(str(conf)), FakeManager())
@@ -249,6 +250,24 @@ def test_the_daemon_lists_accepted_nonces_in_the_kernel_and_forgets_them_with_th
         clock[0] += 62
         d._tick()  # the window is over: the cache forgets the nonce, and so does the kernel
         assert run(d.capture.filters[-1], packet)
+    finally:
+        d.capture = None
+        d.close()
+
+
+def test_a_door_knocking_on_the_spa_port_gets_every_datagram_to_it(tmp_path, monkeypatch):
+    """knockd semantics first: a UDP knock on the SPA port is a knock, whatever its size or content."""
+    d = _daemon(tmp_path, monkeypatch, [1_750_000_015.0],
+                more_doors="[knocks]\n    sequence = 62201:udp,7000\n    open = 22/tcp\n")
+    try:
+        d.rebuild_filter()
+        program = d.capture.filters[-1]
+        assert run(program, rawip.ipv4(rawip.UDP, rawip.udp(40000, PORT, b"knock")))
+        assert run(program, _spa(b"\x00" * HINT_SIZE))
+        assert d._hint_section is None  # and no nonce list is put back over it later
+        d.replay.add(b"n" * 24, 1_750_000_100.0)
+        d._tick()
+        assert d.capture.filters[-1] == program
     finally:
         d.capture = None
         d.close()
