@@ -41,11 +41,16 @@ class SpaKeys:
         self.server = ed25519.generate(str(self.dir / "server.key"), "server", "bench-server")
         self.client = ed25519.generate(str(self.dir / "client.key"), "client", "bench-client")
         self.other = ed25519.generate(str(self.dir / "other.key"), "client", "bench-unknown")
+        # A second authorized client, whose hint a flood may use while the first one knocks.
+        self.bystander = ed25519.generate(str(self.dir / "bystander.key"), "client", "bench-bystander")
         self.authorized = self.dir / "authorized_keys"
-        self.authorized.write_text(Path(self.client.path + ".pub").read_text())
+        self.authorized.write_text(Path(self.client.path + ".pub").read_text()
+                                   + Path(self.bystander.path + ".pub").read_text())
         self.server_public = self.server.public.public
         self.pair = protocol.pair_keys(self.client.private.seed, self.server_public, self.client.public.public,
                                        self.server_public)
+        self.bystander_pair = protocol.pair_keys(self.bystander.private.seed, self.server_public,
+                                                 self.bystander.public.public, self.server_public)
 
     def config_text(self, door: str = "ssh", duration: int = 60, options: str = "") -> str:
         """The config's body after ``[options]`` (``bench.knocklab.Daemon`` adds that line)."""

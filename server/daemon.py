@@ -9,6 +9,7 @@ manager's worker and a small worker of its own.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -59,6 +60,14 @@ JUNK_SUMMARY_INTERVAL = 60.0
 #: Seconds from an accepted SPA packet to its nonce in the kernel's filter (copies before that are
 #: refused by the replay cache in Python, for a dictionary lookup each).
 NONCE_FILTER_DELAY = 0.05
+#: AEAD failures in one second under one key hint, while the capture is dropping packets, that take
+#: the hint out of the kernel's filter: someone floods with a hint they saw (each such datagram must be
+#: decrypted to be told from the real thing). A client never sends packets that fail the AEAD.
+HINT_FLOOD = 1000
+#: Seconds a flooded hint stays out, doubled each time the flood is still there when it comes back
+#: (never longer than the index holds a hint).
+HINT_QUARANTINE = 30.0
+HINT_QUARANTINE_MAX = 960.0
 #: A classic door completed again by the same source within this share of its grant's duration
 #: (and at least REPEAT_HOLDOFF seconds) after it opened is counted, not acted on: the extension
 #: would move the deadline by less than that. A spoofed flood on a knock sequence completes the
@@ -214,6 +223,11 @@ class Daemon:
         self._nonce_room = 0
         self._accept_length = 0
         self._nonces_due: float | None = None  # when an accepted nonce goes into the kernel's filter
+        # Key hints taken out of the kernel's filter (hint -> until), how often each was, and the
+        # capture's drop count at the last tick.
+        self._quarantine: dict[bytes, float] = {}
+        self._strikes: dict[bytes, int] = {}
+        self._drops_seen = 0
         self._hint_mode = ""
         self.notifier = Notifier()
         self._throttle = Throttle()
@@ -324,9 +338,11 @@ class Daemon:
         assert self.spa is not None and self.spa_port is not None
         verifier, now = self.spa.verifier, time.time()
         self._hint_epochs, hints = verifier.index(now), verifier.hints_at(now)
+        if self._quarantine:
+            hints = [h for h in hints if h not in self._quarantine]
         level, mode = logging.INFO, f"the key hints of {len(verifier)} key(s) over the index"
         if not hint_filter.fits(len(program), len(hints)):
-            hints = verifier.hints_at(now, verifier.window + HINT_EPOCH)
+            hints = [h for h in verifier.hints_at(now, verifier.window + HINT_EPOCH) if h not in self._quarantine]
             level, mode = logging.WARNING, (
                 f"the key hints of {len(verifier)} key(s) for the time window only: packets "
                 "from clocks off by more are dropped unseen, without the skew report")
@@ -356,6 +372,43 @@ class Daemon:
         if self._hint_section is None or self.replay.version == self._replay_version:
             return
         self._install(self._with_nonces())
+
+    def _watch_hint_floods(self, now: float) -> bool:
+        """Once a second: take a flooded key hint out of the kernel's filter, put it back when its time
+        is up. True when the set changed (the filter must be rebuilt).
+
+        Only while the capture is dropping packets: below that the loop decrypts the flood and
+        lets every legitimate packet through, the flooded client's included. Above it, the flood
+        would crowd out every client; without the hint it crowds out only the one whose hint it
+        is, and that client gets through again with a packet made under a later hint.
+        """
+        assert self.spa is not None
+        counts, self.spa.aead_by_hint = self.spa.aead_by_hint, collections.Counter()
+        drops = self.capture.kernel_stats()["drops"] if self.capture is not None else 0
+        dropping, self._drops_seen = drops > self._drops_seen, drops
+        changed = False
+        for hint, until in list(self._quarantine.items()):
+            if until <= now:
+                del self._quarantine[hint]
+                changed = True
+                log.info("SPA: the key hint of key %s is back in the kernel's filter",
+                         self.spa.verifier.key_of_hint(hint) or "(no longer indexed)")
+        if dropping:
+            for hint, n in counts.items():
+                if n < HINT_FLOOD or hint in self._quarantine:
+                    continue
+                strikes = self._strikes[hint] = self._strikes.get(hint, 0) + 1
+                hold = min(HINT_QUARANTINE * 2 ** (strikes - 1), HINT_QUARANTINE_MAX)
+                self._quarantine[hint] = now + hold
+                changed = True
+                key = self.spa.verifier.key_of_hint(hint) or "?"
+                log.warning("SPA: %d forged packets in a second under the key hint of key %s while the capture "
+                            "drops packets: that hint is dropped in the kernel for %.0f s. Other keys are not "
+                            "affected; key %s gets through again with a packet made in a later 30 s epoch",
+                            n, key, hold, key)
+        if len(self._strikes) > 4096:  # hints long out of the index
+            self._strikes = {h: n for h, n in self._strikes.items() if h in self._quarantine}
+        return changed
 
     def _install(self, program: list) -> None:
         if program == self._installed:
@@ -452,7 +505,8 @@ class Daemon:
         self._log_events(self.bound.expire(time.monotonic()), time.monotonic())
         if self.spa is not None:
             self.replay.prune(time.time())
-            if self._compiled_spa and self.spa.verifier.index(time.time()) != self._hint_epochs:
+            if self._watch_hint_floods(time.time()) or (
+                    self._compiled_spa and self.spa.verifier.index(time.time()) != self._hint_epochs):
                 self.rebuild_filter()  # the key hints moved on an epoch: a new postlude, no recompiling
             else:
                 self.refresh_nonces()  # nonces the cache has just forgotten leave the kernel's list
@@ -762,6 +816,8 @@ class Daemon:
                    {(("result", "accepted"),): self.spa.accepted if self.spa else 0,
                     **{(("result", r),): n for r, n in (self.spa.rejected.items() if self.spa else ())}}),
             Metric("spa_replay_cache_entries", "gauge", "Nonces remembered against replay.", {(): len(self.replay)}),
+            Metric("spa_key_hints_quarantined", "gauge", "Key hints dropped in the kernel under a flood of forgeries.",
+                   {(): len(self._quarantine)}),
         ]
 
     def publish(self) -> None:

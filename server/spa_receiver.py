@@ -20,6 +20,7 @@ from spa.grant import Address
 from spa.keys import ed25519
 from spa.keys.secure import read_public
 from spa.keytext import AuthorizedKey, parse_authorized_keys
+from spa.protocol import HINT_SIZE
 from spa.replay import ReplayCache
 from spa.server.logs import Throttle
 
@@ -72,6 +73,8 @@ class SpaReceiver:
         self.verifier = verifier
         self.replay = replay
         self.rejected: collections.Counter[str] = collections.Counter()
+        #: AEAD failures per key hint since the daemon last took them (a flood under one client's hint).
+        self.aead_by_hint: collections.Counter[bytes] = collections.Counter()
         self.accepted = 0
         self._throttle = Throttle(rate=20.0, burst=100.0)
         self._junk_reported = 0
@@ -92,6 +95,8 @@ class SpaReceiver:
             acc = self.verifier.check_screened(payload, source, now)
         except PacketRejected as exc:
             self.rejected[exc.reason] += 1
+            if exc.reason == "aead":
+                self.aead_by_hint[payload[1:1 + HINT_SIZE]] += 1
             if exc.reason in JUNK:
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("%s: SPA packet dropped (%s): %s", source, exc.reason, exc.message)

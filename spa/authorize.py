@@ -145,6 +145,11 @@ class Verifier:
         hi = protocol.epoch_of(max(0, math.floor((now + span) * 1000)))
         return [h for h, (_c, e) in self._hints.items() if lo <= e <= hi]
 
+    def key_of_hint(self, hint: bytes) -> str | None:
+        """The key id of the client whose hint this is (in the index as it stands), or None."""
+        found = self._hints.get(hint)
+        return found[0].key_id if found is not None else None
+
     def screen(self, data: bytes, now: float, seen: Callable[[bytes], bool]) -> str | None:
         """The junk reason (``size``, ``version``, ``replay``, ``unknown-key``) of a datagram, or None: then ``check`` it.
 

@@ -46,6 +46,8 @@ _ALU_RSH_K = 0x74
 _JA, _JEQ_K, _JSET_K = 0x05, 0x15, 0x45
 _RET_K, _RET_A = 0x06, 0x16
 BPF_MAXINSNS = 4096
+#: What the capture puts in front of every filter (``spa.server.capture.guard``) must still fit.
+_BUDGET = BPF_MAXINSNS - 8
 #: Compares per block: a conditional jump reaches at most 255 instructions ahead.
 _BLOCK = 250
 _UDP = 17
@@ -160,12 +162,12 @@ def size(program_length: int, hint_count: int, nonce_count: int = 0) -> int:
 
 
 def fits(program_length: int, hint_count: int, nonce_count: int = 0) -> bool:
-    return size(program_length, hint_count, nonce_count) <= BPF_MAXINSNS
+    return size(program_length, hint_count, nonce_count) <= _BUDGET
 
 
 def room(program_length: int, hint_count: int) -> int:
     """The most nonces that fit beside a program of that length and that many hints."""
-    n = max(0, BPF_MAXINSNS - size(program_length, hint_count))
+    n = max(0, _BUDGET - size(program_length, hint_count))
     while n and not fits(program_length, hint_count, n):
         n -= 1  # a few steps: each block of 250 costs 2 more
     return n

@@ -39,6 +39,8 @@ class FakeCapture:
         self.sock = object()
         #: Each program handed to ``set_filter``, in order.
         self.filters: list[list] = []
+        #: What ``kernel_stats`` reports as dropped for lack of room (a test raises it).
+        self.drops = 0
 
     def read(self, sock):
         out, self.packets = self.packets, []
@@ -49,6 +51,9 @@ class FakeCapture:
 
     def set_filter(self, insns) -> None:
         self.filters.append(list(insns))
+
+    def kernel_stats(self) -> dict[str, int]:
+        return {"packets": 0, "drops": self.drops}
 
     def refresh(self) -> bool:
         return False

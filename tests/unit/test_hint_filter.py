@@ -271,3 +271,43 @@ def test_a_door_knocking_on_the_spa_port_gets_every_datagram_to_it(tmp_path, mon
     finally:
         d.capture = None
         d.close()
+
+
+def test_a_hint_flooded_with_forgeries_leaves_the_kernel_while_the_capture_drops(tmp_path, monkeypatch, caplog):
+    from spa.protocol import epoch_of
+    from spa.server.daemon import HINT_FLOOD, HINT_QUARANTINE
+
+    clock = [1_750_000_015.0]
+    d = _daemon(tmp_path, monkeypatch, clock, extra_keys=1)
+    try:
+        pairs = [c.pair for c in d.spa.verifier.clients.values()]
+        epoch = epoch_of(int(clock[0] * 1000))
+        flooded, other = pairs[0].hint(epoch), pairs[1].hint(epoch)
+        d.rebuild_filter()
+        # A flood the loop keeps up with (no kernel drops): the hint stays, every packet is decrypted.
+        d.spa.aead_by_hint[flooded] = 10 * HINT_FLOOD
+        d._tick()
+        assert run(d.capture.filters[-1], _spa(flooded)) and not d._quarantine
+        # The same with the capture dropping packets: that hint goes, the other key's stays.
+        d.spa.aead_by_hint[flooded] = HINT_FLOOD
+        d.spa.aead_by_hint[other] = HINT_FLOOD - 1
+        d.capture.drops += 500
+        with caplog.at_level(logging.WARNING, logger="spa.server.daemon"):
+            d._tick()
+        program = d.capture.filters[-1]
+        assert not run(program, _spa(flooded)) and run(program, _spa(other))
+        assert any("dropped in the kernel for 30 s" in r.getMessage() for r in caplog.records)
+        # Its time up, it comes back; flooded again, it goes for twice as long.
+        clock[0] += HINT_QUARANTINE
+        d._tick()
+        assert run(d.capture.filters[-1], _spa(flooded))
+        d.spa.aead_by_hint[flooded] = HINT_FLOOD
+        d.capture.drops += 500
+        d._tick()
+        assert not run(d.capture.filters[-1], _spa(flooded))
+        assert d._quarantine[flooded] == clock[0] + 2 * HINT_QUARANTINE
+        d.capture = None  # the metrics read no capture here
+        assert {m.name: m for m in d.metrics(active=0)}["spa_key_hints_quarantined"].samples == {(): 1}
+    finally:
+        d.capture = None
+        d.close()
