@@ -507,7 +507,8 @@ class Daemon:
             self.replay.prune(time.time())
             if self._watch_hint_floods(time.time()) or (
                     self._compiled_spa and self.spa.verifier.index(time.time()) != self._hint_epochs):
-                self.rebuild_filter()  # the key hints moved on an epoch: a new postlude, no recompiling
+                # A hint flooded or back, or the hints moved on an epoch: a new postlude, no recompiling.
+                self.rebuild_filter()
             else:
                 self.refresh_nonces()  # nonces the cache has just forgotten leave the kernel's list
             if time.monotonic() >= self._next_junk_summary:
