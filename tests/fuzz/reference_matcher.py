@@ -3,26 +3,7 @@
 ``tests/fuzz/test_matcher.py`` feeds both the same doors and packets and
 requires the same events. Not imported by the product.
 
-Original description: matching knock sequences, one independent attempt per (source address, door).
-
-knockd keeps one linked list of attempts and, when it removes the head, drops
-every other attempt with it: interleaved clients, doors that share a first
-port and stray knocks from other hosts all break it. Here every (source,
-door) pair is its own small state machine, so none of those can interfere:
-
-* a packet advances an attempt when it is that door's next step (protocol,
-  port, TCP flags and destination); a door's TCP flag test that fails makes
-  the packet invisible to that door, as in knockd;
-* a retransmitted SYN (same source port, sequence number and destination
-  port as the knock just counted) is counted once;
-* any other knock-port packet from the same source resets the attempt, and
-  the very packet that reset it may start a new one;
-* ``seq_timeout`` runs from the first knock, at the capture's clock
-  resolution (knockd: whole seconds, lazily);
-* attempts are capped; the oldest is evicted first, so a spoofed flood costs
-  bounded memory.
-
-Pure: no I/O, no clock of its own (times come with the knocks).
+Its semantics are the ones ``spa/matcher.py``'s docstring describes.
 """
 
 from __future__ import annotations
