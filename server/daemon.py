@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from spa import hint_filter, rotating_match
+from spa import rotating_match
 from spa.authorize import Verifier
 from spa.config import Config, Door, load_config
 from spa.errors import ConfigError, InvalidGrant, SpaError
@@ -30,7 +30,7 @@ from spa.knock import Knock, address
 from spa.matcher import TCP, UDP, MatchDoor, MatchEvent, Matcher
 from spa.metrics import Metric, render
 from spa.packet import fields, udp_payload
-from spa.protocol import HINT_EPOCH, NONCE_SIZE, PACKET_SIZE, VERSION
+from spa.protocol import PACKET_SIZE, VERSION
 from spa.replay import ReplayCache
 from spa.rotating_match import RotatingDoor, SourceBound
 from spa.filter import SpaPort, capture_expression, knocks_on
@@ -43,6 +43,7 @@ from spa.server.logs import Names, Throttle, events
 from spa.server.onetime import OneTimeSequences
 from spa.server.sdnotify import Notifier
 from spa.server.rotating_keys import load_rotating
+from spa.server.spa_filter import SpaPortFilter
 from spa.server.spa_receiver import SpaReceiver, load_authorized, load_verifier
 
 log = logging.getLogger("spa.server")
@@ -60,14 +61,6 @@ JUNK_SUMMARY_INTERVAL = 60.0
 #: Seconds from an accepted SPA packet to its nonce in the kernel's filter (copies before that are
 #: refused by the replay cache in Python, for a dictionary lookup each).
 NONCE_FILTER_DELAY = 0.05
-#: AEAD failures in one second under one key hint, while the capture is dropping packets, that take
-#: the hint out of the kernel's filter: someone floods with a hint they saw (each such datagram must be
-#: decrypted to be told from the real thing). A client never sends packets that fail the AEAD.
-HINT_FLOOD = 1000
-#: Seconds a flooded hint stays out, doubled each time the flood is still there when it comes back
-#: (never longer than the index holds a hint).
-HINT_QUARANTINE = 30.0
-HINT_QUARANTINE_MAX = 960.0
 #: A classic door completed again by the same source within this share of its grant's duration
 #: (and at least REPEAT_HOLDOFF seconds) after it opened is counted, not acted on: the extension
 #: would move the deadline by less than that. A spoofed flood on a knock sequence completes the
@@ -212,23 +205,12 @@ class Daemon:
         self.started = time.time()
         self._next_metrics = 0.0
         self.filter_expression: str | None = None
-        # The compiled filter, whether it screens an SPA port, what the sockets hold, and the hint index it used.
+        # The compiled filter, whether it has an SPA-port clause, and what the sockets hold.
         self._compiled: list = DROP_ALL
         self._compiled_spa = False
         self._installed: list | None = None
-        self._hint_epochs: tuple[int, int] | None = None
-        self._replay_version = -1  # the replay cache's version the kernel's nonce list was made from
-        # The filter up to the nonce list (rebuilt when the doors or the key hints change), and what it needs.
-        self._hint_section: list | None = None
-        self._nonce_room = 0
-        self._accept_length = 0
+        self.spa_filter = SpaPortFilter()  # that clause's key hints and nonces, between builds
         self._nonces_due: float | None = None  # when an accepted nonce goes into the kernel's filter
-        # Key hints taken out of the kernel's filter (hint -> until), how often each was, and the
-        # capture's drop count at the last tick.
-        self._quarantine: dict[bytes, float] = {}
-        self._strikes: dict[bytes, int] = {}
-        self._drops_seen = 0
-        self._hint_mode = ""
         self.notifier = Notifier()
         self._throttle = Throttle()
         self.replay = ReplayCache()
@@ -327,88 +309,18 @@ class Daemon:
             self.filter_expression = expr
             log.debug("capture filter: %s", expr)
         if self._compiled_spa:
-            program = self._with_hints(self._compiled)
+            assert self.spa is not None and self.spa_port is not None
+            program = self.spa_filter.build(self._compiled, self.spa_port, self.spa.verifier, self.replay, time.time())
         else:
-            self._hint_section, program = None, self._compiled  # nothing left for refresh_nonces to put back
+            self.spa_filter.clear()  # nothing left for refresh_nonces to put back
+            program = self._compiled
         self._install(program)
-
-    def _with_hints(self, program: list) -> list:
-        """``program`` with the SPA key-hint check (``spa.hint_filter``): the whole index, else the epochs
-        a packet can be accepted in, else none (said once in the log); and the accepted packets' nonces."""
-        assert self.spa is not None and self.spa_port is not None
-        verifier, now = self.spa.verifier, time.time()
-        self._hint_epochs, hints = verifier.index(now), verifier.hints_at(now)
-        if self._quarantine:
-            hints = [h for h in hints if h not in self._quarantine]
-        level, mode = logging.INFO, f"the key hints of {len(verifier)} key(s) over the index"
-        if not hint_filter.fits(len(program), len(hints)):
-            hints = [h for h in verifier.hints_at(now, verifier.window + HINT_EPOCH) if h not in self._quarantine]
-            level, mode = logging.WARNING, (
-                f"the key hints of {len(verifier)} key(s) for the time window only: packets "
-                "from clocks off by more are dropped unseen, without the skew report")
-        self._hint_section = None
-        if hint_filter.fits(len(program), len(hints)):
-            self._hint_section = hint_filter.hint_section(program, self.spa_port, hints)
-            self._nonce_room = hint_filter.room(len(program), len(hints))
-            self._accept_length = hint_filter.accept_length(program)
-        else:
-            level, mode = logging.WARNING, f"no key-hint check: too many keys ({len(verifier)}) for the kernel's filter"
-        if mode != self._hint_mode:  # said once; the hint count moves with the epochs
-            log.log(level, "SPA port %d, kernel filter: %s (%d hints)", self.spa_port, mode, len(hints))
-            self._hint_mode = mode
-        return self._with_nonces() if self._hint_section is not None else program
-
-    def _with_nonces(self) -> list:
-        """The hint section and, after it, the nonces of packets already accepted: a flood of one
-        captured packet stops in the kernel too (as many of the latest as the kernel's limit has room for)."""
-        assert self._hint_section is not None
-        self._replay_version = self.replay.version
-        refused = self.replay.latest(self._nonce_room, NONCE_SIZE)
-        return self._hint_section + hint_filter.nonce_section(refused, self._accept_length)
 
     def refresh_nonces(self) -> None:
         """Put the replay cache's nonces in the kernel's filter (soon after an acceptance, and at each tick)."""
         self._nonces_due = None
-        if self._hint_section is None or self.replay.version == self._replay_version:
-            return
-        self._install(self._with_nonces())
-
-    def _watch_hint_floods(self, now: float) -> bool:
-        """Once a second: take a flooded key hint out of the kernel's filter, put it back when its time
-        is up. True when the set changed (the filter must be rebuilt).
-
-        Only while the capture is dropping packets: below that the loop decrypts the flood and
-        lets every legitimate packet through, the flooded client's included. Above it, the flood
-        would crowd out every client; without the hint it crowds out only the one whose hint it
-        is, and that client gets through again with a packet made under a later hint.
-        """
-        assert self.spa is not None
-        counts, self.spa.aead_by_hint = self.spa.aead_by_hint, collections.Counter()
-        drops = self.capture.kernel_stats()["drops"] if self.capture is not None else 0
-        dropping, self._drops_seen = drops > self._drops_seen, drops
-        changed = False
-        for hint, until in list(self._quarantine.items()):
-            if until <= now:
-                del self._quarantine[hint]
-                changed = True
-                log.info("SPA: the key hint of key %s is back in the kernel's filter",
-                         self.spa.verifier.key_of_hint(hint) or "(no longer indexed)")
-        if dropping:
-            for hint, n in counts.items():
-                if n < HINT_FLOOD or hint in self._quarantine:
-                    continue
-                strikes = self._strikes[hint] = self._strikes.get(hint, 0) + 1
-                hold = min(HINT_QUARANTINE * 2 ** (strikes - 1), HINT_QUARANTINE_MAX)
-                self._quarantine[hint] = now + hold
-                changed = True
-                key = self.spa.verifier.key_of_hint(hint) or "?"
-                log.warning("SPA: %d forged packets in a second under the key hint of key %s while the capture "
-                            "drops packets: that hint is dropped in the kernel for %.0f s. Other keys are not "
-                            "affected; key %s gets through again with a packet made in a later 30 s epoch",
-                            n, key, hold, key)
-        if len(self._strikes) > 4096:  # hints long out of the index
-            self._strikes = {h: n for h, n in self._strikes.items() if h in self._quarantine}
-        return changed
+        if self.spa_filter.nonces_stale(self.replay):
+            self._install(self.spa_filter.with_nonces(self.replay))
 
     def _install(self, program: list) -> None:
         if program == self._installed:
@@ -505,8 +417,10 @@ class Daemon:
         self._log_events(self.bound.expire(time.monotonic()), time.monotonic())
         if self.spa is not None:
             self.replay.prune(time.time())
-            if self._watch_hint_floods(time.time()) or (
-                    self._compiled_spa and self.spa.verifier.index(time.time()) != self._hint_epochs):
+            counts, self.spa.aead_by_hint = self.spa.aead_by_hint, collections.Counter()
+            drops = self.capture.kernel_stats()["drops"] if self.capture is not None else 0
+            if self.spa_filter.watch_floods(counts, drops, time.time(), self.spa.verifier) or (
+                    self._compiled_spa and self.spa_filter.hints_moved(self.spa.verifier, time.time())):
                 # A hint flooded or back, or the hints moved on an epoch: a new postlude, no recompiling.
                 self.rebuild_filter()
             else:
@@ -818,7 +732,7 @@ class Daemon:
                     **{(("result", r),): n for r, n in (self.spa.rejected.items() if self.spa else ())}}),
             Metric("spa_replay_cache_entries", "gauge", "Nonces remembered against replay.", {(): len(self.replay)}),
             Metric("spa_key_hints_quarantined", "gauge", "Key hints dropped in the kernel under a flood of forgeries.",
-                   {(): len(self._quarantine)}),
+                   {(): len(self.spa_filter.quarantine)}),
         ]
 
     def publish(self) -> None:

@@ -215,7 +215,7 @@ def test_too_many_keys_narrow_the_kernels_list_then_drop_it(tmp_path, monkeypatc
     clock = [1_750_000_015.0]
     d = _daemon(tmp_path, monkeypatch, clock, extra_keys=extra)
     try:
-        with caplog.at_level(logging.INFO, logger="spa.server.daemon"):
+        with caplog.at_level(logging.INFO, logger="spa.server.spa_filter"):
             d.rebuild_filter()
         assert any(mode in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
         program = d.capture.filters[-1]
@@ -264,7 +264,7 @@ def test_a_door_knocking_on_the_spa_port_gets_every_datagram_to_it(tmp_path, mon
         program = d.capture.filters[-1]
         assert run(program, rawip.ipv4(rawip.UDP, rawip.udp(40000, PORT, b"knock")))
         assert run(program, _spa(b"\x00" * HINT_SIZE))
-        assert d._hint_section is None  # and no nonce list is put back over it later
+        assert not d.spa_filter.active  # and no nonce list is put back over it later
         d.replay.add(b"n" * 24, 1_750_000_100.0)
         d._tick()
         assert d.capture.filters[-1] == program
@@ -275,7 +275,7 @@ def test_a_door_knocking_on_the_spa_port_gets_every_datagram_to_it(tmp_path, mon
 
 def test_a_hint_flooded_with_forgeries_leaves_the_kernel_while_the_capture_drops(tmp_path, monkeypatch, caplog):
     from spa.protocol import epoch_of
-    from spa.server.daemon import HINT_FLOOD, HINT_QUARANTINE
+    from spa.server.spa_filter import HINT_FLOOD, HINT_QUARANTINE
 
     clock = [1_750_000_015.0]
     d = _daemon(tmp_path, monkeypatch, clock, extra_keys=1)
@@ -287,12 +287,12 @@ def test_a_hint_flooded_with_forgeries_leaves_the_kernel_while_the_capture_drops
         # A flood the loop keeps up with (no kernel drops): the hint stays, every packet is decrypted.
         d.spa.aead_by_hint[flooded] = 10 * HINT_FLOOD
         d._tick()
-        assert run(d.capture.filters[-1], _spa(flooded)) and not d._quarantine
+        assert run(d.capture.filters[-1], _spa(flooded)) and not d.spa_filter.quarantine
         # The same with the capture dropping packets: that hint goes, the other key's stays.
         d.spa.aead_by_hint[flooded] = HINT_FLOOD
         d.spa.aead_by_hint[other] = HINT_FLOOD - 1
         d.capture.drops += 500
-        with caplog.at_level(logging.WARNING, logger="spa.server.daemon"):
+        with caplog.at_level(logging.WARNING, logger="spa.server.spa_filter"):
             d._tick()
         program = d.capture.filters[-1]
         assert not run(program, _spa(flooded)) and run(program, _spa(other))
@@ -305,7 +305,7 @@ def test_a_hint_flooded_with_forgeries_leaves_the_kernel_while_the_capture_drops
         d.capture.drops += 500
         d._tick()
         assert not run(d.capture.filters[-1], _spa(flooded))
-        assert d._quarantine[flooded] == clock[0] + 2 * HINT_QUARANTINE
+        assert d.spa_filter.quarantine[flooded] == clock[0] + 2 * HINT_QUARANTINE
         d.capture = None  # the metrics read no capture here
         assert {m.name: m for m in d.metrics(active=0)}["spa_key_hints_quarantined"].samples == {(): 1}
     finally:
