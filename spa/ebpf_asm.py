@@ -142,6 +142,12 @@ class Asm:
     def st_imm(self, size: int, dst: int, off: int, imm: int) -> None:
         self._emit(ST | MEM | size, dst, off=off, imm=imm)
 
+    def atomic_add(self, size: int, dst: int, off: int, src: int) -> None:
+        """``*(dst + off) += src``, atomically (``size`` ``W`` or ``DW``)."""
+        if size not in (W, DW):
+            raise AsmError("atomic add is 4 or 8 bytes")
+        self._emit(STX | ATOMIC | size, dst, src, off, imm=ADD)
+
     def ld_abs(self, size: int, off: int) -> None:
         """R0 = the packet's ``size`` bytes at ``off``, network order read as a number (R6 must hold the context)."""
         if size == DW:
@@ -161,6 +167,10 @@ class Asm:
 
     def jmp_reg(self, op: int, dst: int, src: int, target: str) -> None:
         self._emit(JMP | op | X, dst, src, target=target)
+
+    def jmp32_imm(self, op: int, dst: int, imm: int, target: str) -> None:
+        """A jump on the low 32 bits of ``dst`` (no sign extension of ``imm`` against a 64-bit value)."""
+        self._emit(JMP32 | op | K, dst, imm=imm, target=target)
 
     def ja(self, target: str) -> None:
         self._emit(JMP | JA, target=target)

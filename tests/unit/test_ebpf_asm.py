@@ -86,3 +86,11 @@ def test_duplicate_label():
     a.label("x")
     with pytest.raises(A.AsmError):
         a.label("x")
+
+
+def test_jmp32_and_atomic_add():
+    a = A.Asm()
+    a.label("x")
+    a.jmp32_imm(A.JNE, A.R1, 0xC0000201, "x")  # BPF_JMP32 | BPF_JNE | BPF_K = 0x56
+    a.atomic_add(A.DW, A.R0, 0, A.R1)  # BPF_STX | BPF_ATOMIC | BPF_DW = 0xdb, imm BPF_ADD
+    assert _hex(a) == ["5601ffff010200c0", "db10000000000000"]
