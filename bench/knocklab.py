@@ -320,7 +320,7 @@ class FlooderProcess:
 class Daemon:
     """``spa-server`` (``kind="spa"``) or Debian's ``knockd`` (``kind="knockd"``) in the lab's server namespace."""
 
-    def __init__(self, lab: Lab, kind: str, config_text: str):
+    def __init__(self, lab: Lab, kind: str, config_text: str, extra: tuple[str, ...] = ()):
         self.lab = lab
         self.kind = kind
         self.tmp = Path(tempfile.mkdtemp(prefix=f"spa-bench-{kind}-", dir="/var/tmp"))
@@ -332,7 +332,7 @@ class Daemon:
             ready = "listening on"
         elif kind == "spa":
             argv = [sys.executable, "-m", "spa.server.cli", "-c", str(self.config), "-i", "veth0", "-g", str(self.log),
-                    "--state-dir", str(self.tmp / "state")]
+                    "--state-dir", str(self.tmp / "state"), *extra]
             ready = "starting up"
         else:
             raise ValueError(kind)

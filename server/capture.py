@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from spa.server import netlink
+from spa.server import ebpf, netlink
 from spa.server.bpf import DROP_ALL, FilterError, Insn, attach_filter
 from spa.server.ring import DEFAULT_RING_BYTES, Ring
 
@@ -103,6 +103,8 @@ class _Iface:
     #: ifindex the sockets are bound to (0 for "any"), None when closed.
     index: int | None = None
     socks: list[socket.socket] = field(default_factory=list)
+    #: Sockets that carry the tap program (the kernel knock matcher), one per protocol; never read.
+    taps: list[socket.socket] = field(default_factory=list)
     #: "new", "open", "down", "missing", "error"
     state: str = "new"
     ever_open: bool = False
@@ -137,6 +139,7 @@ class Capture:
         self._ring_bytes = ring_bytes
         self._drop_otherhost = drop_otherhost
         self._probe: socket.socket | None = None
+        self._tap: ebpf.Program | None = None
         # A program the kernel rejects is a configuration error: raise FilterError now, not on every reopen.
         self._insns: list[Insn] = self._checked(filter)
         self._ifaces = {name: _Iface(name) for name in names}
@@ -154,12 +157,10 @@ class Capture:
     def _checked(self, insns: Sequence[Insn]) -> list[Insn]:
         """The program as attached (guarded), after the kernel accepted it on a socket that receives nothing."""
         program = guard(insns) if self._drop_otherhost else list(insns)
-        if self._probe is None:
-            # Kept open: closing a packet socket waits for an RCU grace period
-            # (about 10 ms here), which a filter swap at every rotating window
-            # boundary would otherwise pay on the capture loop.
-            self._probe = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0)
-        attach_filter(self._probe, program)  # protocol 0, unbound: no packet ever reaches it
+        # The probe is kept open: closing a packet socket waits for an RCU grace period
+        # (about 10 ms here), which a filter swap at every rotating window
+        # boundary would otherwise pay on the capture loop.
+        attach_filter(self._probe_socket(), program)  # protocol 0, unbound: no packet ever reaches it
         return program
 
     def set_filter(self, insns: Sequence[Insn]) -> None:
@@ -177,6 +178,59 @@ class Capture:
                     log.error("interface %s: cannot replace the capture filter: %s; reopening", iface.name, e)
                     self._close_iface(iface, "error")
                     break
+
+    def set_tap(self, program: ebpf.Program | None) -> None:
+        """Run ``program`` (an eBPF socket filter) on every packet of every interface, beside the filter.
+
+        It goes on tap sockets of its own, opened with each interface's
+        sockets (and replaced atomically, socket by socket); they are never
+        read, so the program should return 0. ``None`` closes them. Raises
+        ``ebpf.BpfError`` (and changes nothing) when the kernel refuses it.
+        """
+        if program is not None:
+            ebpf.attach(self._probe_socket(), program)
+        self._tap = program
+        for iface in list(self._ifaces.values()):
+            if program is None or not iface.socks:
+                self._close_taps(iface)
+                continue
+            try:
+                if iface.taps:
+                    for t in iface.taps:
+                        ebpf.attach(t, program)
+                else:
+                    assert iface.index is not None
+                    iface.taps = self._open_taps(iface.index)
+            except (OSError, ebpf.BpfError) as e:
+                log.error("interface %s: cannot attach the kernel knock matcher: %s; reopening", iface.name, e)
+                self._close_iface(iface, "error")
+
+    def _probe_socket(self) -> socket.socket:
+        if self._probe is None:
+            self._probe = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0)
+        return self._probe
+
+    def _open_taps(self, ifindex: int) -> list[socket.socket]:
+        assert self._tap is not None
+        taps: list[socket.socket] = []
+        try:
+            for proto in self._protos:
+                t = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, 0)
+                taps.append(t)
+                t.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 0)  # the kernel's minimum: it never queues
+                ebpf.attach(t, self._tap)
+                _bind(t, ifindex, proto)
+        except BaseException:
+            for t in taps:
+                t.close()
+            raise
+        return taps
+
+    @staticmethod
+    def _close_taps(iface: _Iface) -> None:
+        for t in iface.taps:
+            t.close()
+        iface.taps = []
 
     # -- sockets ---------------------------------------------------------------
 
@@ -204,10 +258,13 @@ class Capture:
 
     def _open_iface(self, iface: _Iface, ifindex: int) -> bool:
         opened: list[tuple[socket.socket, Ring]] = []
+        taps: list[socket.socket] = []
         try:
             for proto in self._protos:
                 opened.append(self._open_socket(ifindex, proto))
-        except (OSError, FilterError) as e:
+            if self._tap is not None:
+                taps = self._open_taps(ifindex)
+        except (OSError, FilterError, ebpf.BpfError) as e:
             for s, ring in opened:
                 ring.close()
                 s.close()
@@ -216,7 +273,7 @@ class Capture:
                 log.warning("interface %s: cannot capture: %s; will retry", iface.name, message)
             iface.state, iface.last_error = "error", message
             return False
-        iface.socks, iface.index = [s for s, _ in opened], ifindex
+        iface.socks, iface.taps, iface.index = [s for s, _ in opened], taps, ifindex
         for s, ring in opened:
             self._by_sock[s] = (iface, ring)
         if iface.ever_open:
@@ -235,6 +292,7 @@ class Capture:
             if entry is not None:
                 entry[1].close()
             s.close()
+        self._close_taps(iface)
         if iface.socks:
             self.version += 1
         iface.socks, iface.index, iface.state = [], None, state

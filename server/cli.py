@@ -66,9 +66,12 @@ def _daemonize() -> None:
               help="Seconds between checks that the firewall still holds our rules.")
 @click.option("--metrics-file", default=None, type=click.Path(dir_okay=False),
               help="Prometheus textfile, rewritten every 5 s (default: STATE_DIR/metrics.prom).")
+@click.option("--knock-matcher", type=click.Choice(["auto", "kernel", "user"]), default="auto", show_default=True,
+              help="Match knock sequences in the kernel (an eBPF program: floods cost user space nothing) or in"
+                   " user space; auto: the kernel when it can.")
 @handle_errors
 def main(interfaces, config_path, daemon, debug, verbose, lookup, pidfile, logfile, only_ipv4, backend, state_dir,
-         repair_interval, metrics_file) -> None:
+         repair_interval, metrics_file, knock_matcher) -> None:
     """Keep every port closed; open one for one address, for a while, when a client knocks right."""
     from spa.server import logs
     from spa.server.daemon import Daemon, Runtime, Settings
@@ -82,6 +85,7 @@ def main(interfaces, config_path, daemon, debug, verbose, lookup, pidfile, logfi
     settings = Settings(
         config=os.path.abspath(config_path), interfaces=_interfaces(interfaces), only_ipv4=only_ipv4,
         lookup=lookup, backend=backend, state_dir=state_dir, repair_interval=repair_interval,
+        knock_matcher=knock_matcher,
     )
     runtime = Runtime.load(config_path)  # every error, with file and line, before anything is touched
     opts = runtime.config.options

@@ -34,11 +34,12 @@ from spa.protocol import PACKET_SIZE, VERSION
 from spa.replay import ReplayCache
 from spa.rotating_match import RotatingDoor, SourceBound
 from spa.filter import SpaPort, capture_expression, knocks_on
-from spa.server import netlink
+from spa.server import ebpf, netlink
 from spa.server.bpf import DROP_ALL, FilterError, compile_filter
 from spa.server.capture import ANY, Capture
 from spa.server.grants import DEFER_DELAY, GrantManager
 from spa.server.journal import boot_id
+from spa.server.knock_kernel import KernelMatcher, unsuitable
 from spa.server.logs import Names, Throttle, events
 from spa.server.onetime import OneTimeSequences
 from spa.server.sdnotify import Notifier
@@ -95,6 +96,9 @@ class Settings:
     state_dir: str | None = None
     repair_interval: float = 10.0
     max_attempts: int = 65536
+    #: Where knock sequences are matched: "kernel" (an eBPF program; an error is logged if it cannot be),
+    #: "user" (the Python matcher behind the capture filter), or "auto" (the kernel when it can).
+    knock_matcher: str = "auto"
     #: Where the Prometheus textfile and status.json go (None: not written).
     metrics_file: str | None = None
     status_file: str | None = None
@@ -219,6 +223,14 @@ class Daemon:
         self.spa: SpaReceiver | None = SpaReceiver(runtime.verifier, self.replay) if runtime.verifier else None
         self._next_junk_summary = 0.0
         self._next_rotation = rotating_match.boundaries(runtime.rotating, time.time())
+        #: The kernel knock matcher while it is in use (see ``_sync_kernel``), and why not otherwise.
+        self.kernel: KernelMatcher | None = None
+        self._kernel_why: str | None = "not started"
+        self._tapped: Capture | None = None  # the capture that carries the kernel matcher's taps
+        self._kernel_fds: list[int] = []
+        # Event totals of kernel matchers closed since start (their counters go with them).
+        self._kernel_retired: collections.Counter[str] = collections.Counter()
+        self._kernel_lost_logged = 0
 
     @property
     def spa_port(self) -> int | None:
@@ -292,11 +304,14 @@ class Daemon:
         dests = local | targets
         ranges = self.bound.ranges()
         spa = None
+        knocked = self.spa_port is not None and knocks_on("udp", self.spa_port, steps, ranges)
         if self.spa_port is not None:
-            if knocks_on("udp", self.spa_port, steps, ranges):
+            if knocked:
                 steps.add(("udp", self.spa_port, None))  # a door knocks there too: it sees every datagram
             else:
                 spa = SpaPort(self.spa_port, PACKET_SIZE, VERSION)
+        if self._sync_kernel(knocked):
+            steps = set()  # the kernel matcher sees them on its own sockets: none for the capture
         expr = capture_expression(dests, steps, ranges, spa=spa)
         if expr != self.filter_expression:
             try:
@@ -315,6 +330,70 @@ class Daemon:
             self.spa_filter.clear()  # nothing left for refresh_nonces to put back
             program = self._compiled
         self._install(program)
+
+    def _sync_kernel(self, spa_port_knocked: bool) -> bool:
+        """Start, update or stop the kernel knock matcher for the doors now; True while it matches them."""
+        mode = self.settings.knock_matcher
+        if mode == "user":
+            why: str | None = "--knock-matcher user"
+        elif mode == "auto" and log.isEnabledFor(logging.DEBUG):
+            why = "debug logging prints every knock packet, which user space must then see"
+        else:
+            why = unsuitable(self.matcher.doors, source_bound=bool(self.bound), spa_port_knocked=spa_port_knocked)
+        if why is None and self.kernel is None:
+            try:
+                self.kernel = KernelMatcher(self.settings.max_attempts)
+            except ebpf.BpfError as exc:
+                why = f"eBPF unavailable: {exc}"
+        if why is None:
+            assert self.kernel is not None and self.capture is not None
+            try:
+                self.kernel.set_local(self.matcher.local_addresses or ())
+                if self.kernel.set_doors(self.matcher.doors) or self._tapped is not self.capture:
+                    self.capture.set_tap(self.kernel.program)
+                    self._tapped = self.capture
+            except ebpf.BpfError as exc:
+                why = f"the kernel refused the matcher: {exc}"
+        if why is not None and self.kernel is not None:
+            if self.capture is not None:
+                self.capture.set_tap(None)
+            self._kernel_retired.update(self.kernel.counts())
+            self.kernel.close()
+            self.kernel, self._tapped, self._kernel_lost_logged = None, None, 0
+        if why != self._kernel_why:
+            if why is None:
+                events.info("knock matching in the kernel (eBPF socket filter)")
+            elif mode == "kernel":
+                # Asked for by name: say so loudly, and match in user space rather than not at all.
+                log.error("knock matching cannot run in the kernel (%s); matching in user space", why)
+            else:
+                log.info("knock matching in user space: %s", why)
+            self._register_kernel()
+        self._kernel_why = why
+        return why is None
+
+    def _register_kernel(self) -> None:
+        for fd in self._kernel_fds:
+            try:
+                self.selector.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+        self._kernel_fds = self.kernel.filenos() if self.kernel is not None else []
+        for fd in self._kernel_fds:
+            self.selector.register(fd, selectors.EVENT_READ, "kernel")
+
+    def _kernel_events(self) -> None:
+        """What the kernel matcher saw: act on opens, log the rest (throttled), as ``_read`` does for packets."""
+        assert self.kernel is not None
+        found = self.kernel.read()
+        if not found:
+            return
+        quiet = None
+        for ts, e in found:
+            if e[0] == "open" and not self._opened(e, ts):
+                quiet = (e,) if quiet is None else (*quiet, e)
+        # Counted from the kernel's own counters (some notes are skipped unread under a flood).
+        self._log_events([e for _, e in found], found[-1][0], quiet, count=False)
 
     def refresh_nonces(self) -> None:
         """Put the replay cache's nonces in the kernel's filter (soon after an acceptance, and at each tick)."""
@@ -373,6 +452,9 @@ class Daemon:
                 kind = key.data
                 if kind == "packet":
                     self._read(key.fileobj)  # type: ignore[arg-type]
+                elif kind == "kernel":
+                    if self.kernel is not None:
+                        self._kernel_events()
                 elif kind == "netlink":
                     assert self.monitor is not None and self.capture is not None
                     if self.monitor.drain():
@@ -403,6 +485,12 @@ class Daemon:
     def _tick(self) -> None:
         self.notifier.watchdog()
         dropped = self._throttle.take_suppressed()
+        if self.kernel is not None:
+            dropped += self.kernel.take_skipped()
+            lost = self.kernel.counts()["lost_opens"] - self._kernel_lost_logged
+            if lost > 0:
+                self._kernel_lost_logged += lost
+                log.error("%d knock open(s) lost: the kernel matcher's ring buffer was full", lost)
         if dropped:
             log.warning("%d knock log lines suppressed in the last second (a flood on the knock ports?)", dropped)
         repeats = self.stats["opens_repeated"] - self._repeats_logged
@@ -414,6 +502,10 @@ class Daemon:
             self._next_metrics = time.monotonic() + METRICS_INTERVAL
             self.publish()
         self._log_events(self.matcher.expire(time.monotonic()), time.monotonic())
+        if self.kernel is not None:
+            expired = self.kernel.expire()
+            if expired:
+                self._log_events([e for _, e in expired], time.monotonic())
         self._log_events(self.bound.expire(time.monotonic()), time.monotonic())
         if self.spa is not None:
             self.replay.prune(time.time())
@@ -513,7 +605,8 @@ class Daemon:
         c = rotating_match.parse_name(name)
         return name if c is None else c.door
 
-    def _log_events(self, found: list[MatchEvent], now: float, quiet: tuple[MatchEvent, ...] | None = None) -> None:
+    def _log_events(self, found: list[MatchEvent], now: float, quiet: tuple[MatchEvent, ...] | None = None,
+                    count: bool = True) -> None:
         """Count the events and write their knockd-style lines (rate-limited; one call per packet, not per event).
 
         ``quiet``: opens that were not acted on (repeats), counted but not logged.
@@ -523,7 +616,8 @@ class Daemon:
         debug = None
         for e in found:
             kind = e[0]
-            counts[kind] += 1
+            if count:
+                counts[kind] += 1
             if kind == "open":
                 # OPEN SESAME is never throttled: log watchers (fail2ban and the like) act on it.
                 if quiet is not None and e in quiet:
@@ -701,15 +795,22 @@ class Daemon:
         """Everything ``spa status`` and Prometheus read, as of now; ``active`` is the count of open grants."""
         kernel = self.capture.kernel_stats() if self.capture is not None else {"packets": 0, "drops": 0}
         c = self.manager.counters
+        # The kernel matcher's counters: knock packets it matched and every event (it logs only some).
+        matched = collections.Counter(self._kernel_retired)
+        if self.kernel is not None:
+            matched.update(self.kernel.counts())
+        knock_events = {k: v + matched[k] for k, v in self.event_counts.items()}
         up = self.capture.status() if self.capture is not None else {}
         return [
             Metric("spa_packets_total", "counter", "Packets that passed the kernel filter, by result.",
-                   {(("result", "parsed"),): self.stats["knocks"], (("result", "malformed"),): self.stats["malformed"]}),
+                   {(("result", "parsed"),): self.stats["knocks"] + matched["packets"],
+                    (("result", "malformed"),): self.stats["malformed"]}),
             Metric("spa_kernel_drops_total", "counter", "Packets the kernel dropped for lack of buffer room.",
                    {(): kernel["drops"]}),
             Metric("spa_knock_events_total", "counter", "Matcher events: stages, opens, timeouts, resets.",
-                   {(("kind", k),): v for k, v in self.event_counts.items()}),
-            Metric("spa_attempts", "gauge", "Knock attempts in progress.", {(): len(self.matcher)}),
+                   {(("kind", k),): v for k, v in knock_events.items()}),
+            Metric("spa_attempts", "gauge", "Knock attempts in progress (the kernel matcher's: at its last sweep).",
+                   {(): len(self.matcher) + (self.kernel.attempts_seen if self.kernel is not None else 0)}),
             Metric("spa_attempt_evictions_total", "counter", "Attempts evicted by the cap (spoofed floods).",
                    {(): self.matcher.evictions}),
             Metric("spa_grants_active", "gauge", "Grants open now.", {(): active}),
@@ -751,6 +852,7 @@ class Daemon:
             "doors": [d.name for d in self.matcher.doors],
             "backend": self.manager.native.name if self.manager.native is not None else None,
             "filter": self.filter_expression,
+            "knock_matcher": "kernel" if self.kernel is not None else "user",
         }
         self._io.submit(self._publish_off_loop, loop_metrics, status)
 
@@ -775,6 +877,8 @@ class Daemon:
     def close(self) -> None:
         if self.capture is not None:
             self.capture.close()
+        if self.kernel is not None:
+            self.kernel.close()
         if self.monitor is not None:
             self.monitor.close()
         self._io.shutdown(wait=True)

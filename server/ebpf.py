@@ -292,6 +292,16 @@ class Map(_FdOwner):
             yield nxt.raw
             prev = nxt
 
+    def next_key(self, key: bytes | None) -> bytes | None:
+        """The key after ``key`` (the first with None, or when ``key`` is gone), None after the last."""
+        prev = self._buffer(key, self.key_size, "key") if key is not None else None
+        nxt = ctypes.create_string_buffer(self.key_size)
+        rc = self._elem(_MAP_GET_NEXT_KEY, prev, nxt)
+        if rc == -errno.ENOENT:
+            return None
+        _check(rc, self._what("next key"))
+        return nxt.raw
+
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """``(key, value)`` pairs; a key removed between the two calls is left out."""
         for key in self.keys():
@@ -483,6 +493,18 @@ class RingBuffer:
         if pos != consumer:
             struct.pack_into("<Q", self._consumer, 0, pos)
         return records
+
+    def skip(self) -> int:
+        """Give back every record written so far without reading it; how many bytes that freed."""
+        if self.closed:
+            raise ValueError("RingBuffer is closed")
+        consumer = self.consumer_pos
+        producer = struct.unpack_from("<Q", self._producer, 0)[0]
+        # A record still being written is skipped too: its writer commits into space already given back,
+        # which only means it is never read (the kernel checks positions, not who owns the bytes).
+        if producer > consumer:
+            struct.pack_into("<Q", self._consumer, 0, producer)
+        return max(0, producer - consumer)
 
     def close(self) -> None:
         if not self.closed:

@@ -58,7 +58,7 @@ from spa import ebpf_asm as A
 from spa.knock import V6_KEY
 from spa.matcher import MatchDoor, MatchEvent
 
-__all__ = ["Maps", "build", "decode_event", "attempt_key", "local_key", "door_steps", "ATTEMPT_KEY_SIZE",
+__all__ = ["Maps", "build", "decode_event", "decode_attempt", "attempt_key", "local_key", "door_steps", "ATTEMPT_KEY_SIZE",
            "ATTEMPT_VALUE_SIZE", "LOCAL_KEY_SIZE", "EVENT_SIZE", "COUNTERS", "KINDS"]
 
 TCP, UDP = 6, 17
@@ -71,12 +71,15 @@ EVENT_SIZE = 40
 #: Event kinds, by the number the program writes.
 KINDS: dict[int, str] = {1: "stage", 2: "open", 3: "timeout", 4: "reset"}
 _KIND = {v: k for k, v in KINDS.items()}
-#: Slots of the counters map: knock packets matched, opens and notes the ring buffers had no room for.
-COUNTERS = ("packets", "lost_opens", "lost_notes")
+#: Slots of the counters map: knock packets matched, opens and notes the ring buffers had no room for,
+#: then events by kind (all of them: user space may read only some notes).
+COUNTERS = ("packets", "lost_opens", "lost_notes", "stage", "open", "timeout", "reset")
 _C_PACKETS, _C_LOST_OPENS, _C_LOST_NOTES = range(3)
+_C_KIND = {kind: COUNTERS.index(kind) for kind in KINDS.values()}
 
 _EVENT = struct.Struct("=QII4III")
 _KEY = struct.Struct("=4III")
+_VALUE = struct.Struct("=QI")
 _LOCAL = struct.Struct("=4II")
 
 # Stack layout (offsets from r10). The event record ends with the attempt key, so an
@@ -92,6 +95,8 @@ _VAL = -112  # a new attempt: start u64, stage, seq, sport, dport
 _SLOT = -116  # a u32 array index (counters, clock)
 
 _SKB_LEN = 0  # offsetof(struct __sk_buff, len)
+_SKB_PKT_TYPE = 4  # offsetof(struct __sk_buff, pkt_type)
+_PACKET_OTHERHOST = 3
 _RB_FLAGS = 0  # ring buffer output flags: adaptive wake-up (only when the reader has caught up)
 
 
@@ -143,6 +148,14 @@ def decode_event(record: bytes, names: Mapping[int, str]) -> tuple[int, MatchEve
     return t, MatchEvent(what, name, skey, stage)  # type: ignore[arg-type]
 
 
+def decode_attempt(key: bytes, value: bytes) -> tuple[int, int, int, int]:
+    """(source key, door id, start in ns, stage) of one entry of the attempt map."""
+    w0, w1, w2, w3, door_id, family = _KEY.unpack(key)
+    started, stage = _VALUE.unpack_from(value)
+    skey = w3 if family == 4 else (w0 << 96 | w1 << 64 | w2 << 32 | w3) | V6_KEY
+    return skey, door_id, started, stage
+
+
 def door_steps(doors: Iterable[MatchDoor]) -> dict[int, list[tuple[int, int] | None]]:
     """Step -> the TCP flag tests ``(must_set, must_clear)`` that let a packet through (None: any)."""
     out: dict[int, list[tuple[int, int] | None]] = {}
@@ -191,6 +204,7 @@ class _Gen:
             a.stx(A.W, A.R10, _REC + 12, A.R1)
         else:
             a.st_imm(A.W, A.R10, _REC + 12, stage)
+        self.count(_C_KIND[kind])
         a.ld_map_fd(A.R1, self.maps.opens if opens else self.maps.notes)
         a.mov64_reg(A.R2, A.R10)
         a.alu64_imm(A.ADD, A.R2, _REC)
@@ -247,6 +261,10 @@ class _Gen:
         """The packet's fields to the stack and r8 = its step, or on to ``out``; ``spa.packet.fields``'s checks."""
         a = self.a
         a.mov64_reg(A.R6, A.R1)
+        # A frame for another host's MAC (a promiscuous interface): the host never received it,
+        # so it is no knock (the capture filter's own guard, spa.server.capture.guard).
+        a.ldx(A.W, A.R1, A.R6, _SKB_PKT_TYPE)
+        a.jmp_imm(A.JEQ, A.R1, _PACKET_OTHERHOST, "out")
         a.ldx(A.W, A.R7, A.R6, _SKB_LEN)  # what was received: the bound for the length fields
         a.ld_abs(A.B, 0)
         a.mov64_reg(A.R8, A.R0)

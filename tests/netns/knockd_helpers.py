@@ -29,15 +29,20 @@ class Server:
         if real_knockd:
             argv = ["knockd", "-c", str(self.config), "-i", "veth0", "-g", str(self.log)]
         else:
+            # Tests run in both matchers by setting SPA_TEST_KNOCK_MATCHER (see test_knockd_compat.py).
+            matcher = os.environ.get("SPA_TEST_KNOCK_MATCHER")
             argv = [sys.executable, "-m", "spa.server.cli", "-c", str(self.config),
                     *(("-i", interface) if interface else ()), "-g", str(self.log),
-                    "--state-dir", str(tmp / "state"), *extra]
+                    "--state-dir", str(tmp / "state"), *(("--knock-matcher", matcher) if matcher else ()), *extra]
         ready = "listening on" if real_knockd else "starting up"
         before = self.text().count(ready)  # a restarted server appends to the same log
         self.proc = lab.exec_server(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
         if not self.wait_log(ready, 10, count=before + 1):
             self.stop()
             raise RuntimeError(f"server did not start:\n{self.output()}")
+        if not real_knockd and os.environ.get("SPA_TEST_KNOCK_MATCHER") == "kernel":
+            # Asked for by name, the kernel matcher falls back with an error line: make that a failure here.
+            assert "knock matching in the kernel" in self.text(), self.text()
 
     def text(self) -> str:
         try:

@@ -190,12 +190,17 @@ def test_kernel_matcher_gives_the_python_paths_events(kernel, doors, stream):
     python = python_path(doors)
     t = 10_000 * MS
     counted = 0
+    kinds = dict.fromkeys(("stage", "open", "timeout", "reset"), 0)
     for packet, step in stream:
         t += step * MS
         want, passed = python(packet, t)
         counted += passed
+        for e in want:
+            kinds[e[0]] += 1
         assert kernel.feed(packet, t) == want, packet.hex()
     assert kernel.counter("packets") == counted
+    for kind in ("stage", "open", "timeout", "reset"):
+        assert kernel.counter(kind) == kinds[kind]
     assert kernel.counter("lost_opens") == kernel.counter("lost_notes") == 0
 
 

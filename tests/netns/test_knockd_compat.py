@@ -19,6 +19,13 @@ SEED_START = "/usr/sbin/iptables -A INPUT -s %IP% -p tcp --syn --dport 22 -j ACC
 SEED_STOP = "/usr/sbin/iptables -D INPUT -s %IP% -p tcp --syn --dport 22 -j ACCEPT"
 
 
+@pytest.fixture(autouse=True, params=["kernel", "user"])
+def knock_matcher(request, monkeypatch):
+    """Every test here twice: knocks matched by the kernel's eBPF program, and by the Python matcher."""
+    monkeypatch.setenv("SPA_TEST_KNOCK_MATCHER", request.param)
+    return request.param
+
+
 def open_door(name, sequence, duration=1.5, extra=""):
     return f"""[options]
 [{name}]

@@ -1,0 +1,237 @@
+"""The knock matcher in the kernel, at run time: its maps, its program, its sockets and its events.
+
+``spa.knock_program`` generates the program; this module owns what it
+needs: the attempt map (an LRU hash as large as the matcher's cap), the
+*opens* and *notes* ring buffers, the counters, the map of this host's
+addresses, and one tap socket per capture socket (``spa.server.capture``
+opens them beside its own, for the same interface and protocol) with the
+program attached. The program returns 0 for every packet, so the taps never
+queue anything: a flood on the knock ports costs the kernel a map lookup a
+door, and user space only the events.
+
+Opens are always read. Notes (stages, resets, timeouts: log lines) are read
+up to ``NOTES_PER_SECOND``; past that they are skipped in one step and
+counted, as the log throttle would drop them anyway. The counters map holds
+the exact totals by kind.
+
+Door ids: a door keeps its id while its definition stays the same, so its
+attempts survive a reload or a one-time sequence moving on elsewhere; a
+changed door gets a new id, and its old attempts are never found again
+(they age out of the LRU map).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections.abc import Iterable, Sequence
+from ipaddress import IPv4Address, IPv6Address
+
+from spa import knock_program as KP
+from spa.matcher import DEFAULT_MAX_ATTEMPTS, MatchDoor, MatchEvent
+from spa.server import ebpf
+
+log = logging.getLogger("spa.server.knock_kernel")
+
+OPENS_BYTES = 1 << 18  # 5 000+ opens between two reads
+NOTES_BYTES = 1 << 20
+#: Notes read (and so logged, within the log throttle) per second; the rest are skipped and counted.
+NOTES_PER_SECOND = 2000
+#: Attempt-map entries looked at per ``expire`` call (two or three system calls each).
+EXPIRE_BUDGET = 1024
+# Names of retired door ids kept, for events still in the rings when a door changes.
+_RETIRED_NAMES = 4096
+_U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
+
+
+class KernelMatcher:
+    """Everything the kernel matcher needs, made at once (raises ``ebpf.BpfError`` when the kernel refuses)."""
+
+    def __init__(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
+        reason = ebpf.available()
+        if reason is not None:
+            raise ebpf.BpfError(reason)
+        self._owned: list = []
+        try:
+            self.attempts = self._own(ebpf.Map.create(ebpf.LRU_HASH, KP.ATTEMPT_KEY_SIZE, KP.ATTEMPT_VALUE_SIZE,
+                                                      max_attempts, name="spa_attempts"))
+            self.opens = self._own(ebpf.RingBuffer.create(OPENS_BYTES, name="spa_opens"))
+            self.notes = self._own(ebpf.RingBuffer.create(NOTES_BYTES, name="spa_notes"))
+            self.counters = self._own(ebpf.Map.create(ebpf.ARRAY, 4, 8, len(KP.COUNTERS), name="spa_counters"))
+            self.local = self._own(ebpf.Map.create(ebpf.HASH, KP.LOCAL_KEY_SIZE, 1, 4096, name="spa_local"))
+        except BaseException:
+            self.close()
+            raise
+        self.maps = KP.Maps(self.attempts.fileno(), self.opens.map.fileno(), self.notes.map.fileno(),
+                            self.counters.fileno(), self.local.fileno())
+        self.program: ebpf.Program | None = None
+        self._doors: dict[str, tuple[MatchDoor, int]] = {}
+        self._next_id = 1
+        self.names: dict[int, str] = {}
+        self._local: set[IPv4Address | IPv6Address] = set()
+        self._notes_budget = float(NOTES_PER_SECOND)
+        self._budget_at = time.monotonic()
+        #: Notes skipped unread since the last ``take_skipped()``.
+        self.skipped_notes = 0
+        #: Entries in the attempt map at the end of the last full sweep (``expire``).
+        self.attempts_seen = 0
+        self._sweep_count = 0
+        self._sweep_at: bytes | None = None
+
+    def _own(self, thing):
+        self._owned.append(thing)
+        return thing
+
+    # -- configuration ---------------------------------------------------------------------
+
+    def set_doors(self, doors: Iterable[MatchDoor]) -> bool:
+        """Build and load the program for ``doors``; True when it changed (attach ``program`` again)."""
+        wanted: list[tuple[int, MatchDoor]] = []
+        doors_now: dict[str, tuple[MatchDoor, int]] = {}
+        for d in doors:
+            known = self._doors.get(d.name)
+            if known is not None and known[0] == d:
+                door_id = known[1]
+            else:
+                door_id, self._next_id = self._next_id, self._next_id + 1
+                self.names[door_id] = d.name
+            doors_now[d.name] = (d, door_id)
+            wanted.append((door_id, d))
+        if self.program is not None and doors_now == self._doors:
+            return False
+        program = ebpf.Program.load(KP.build(wanted, self.maps), name="spa_knocks")
+        old, self.program, self._doors = self.program, program, doors_now
+        if old is not None:
+            old.close()  # sockets it is attached to keep it until they get the new one
+        live = {i for _, i in doors_now.values()}
+        if len(self.names) > len(live) + _RETIRED_NAMES:
+            for i in sorted(self.names)[: len(self.names) - len(live) - _RETIRED_NAMES]:
+                if i not in live:
+                    del self.names[i]
+        return True
+
+    def set_local(self, addresses: Iterable[IPv4Address | IPv6Address]) -> None:
+        """This host's addresses: a door without a target sees only knocks to these."""
+        new = set(addresses)
+        for a in self._local - new:
+            self.local.delete(KP.local_key(a))
+        for a in new - self._local:
+            self.local.update(KP.local_key(a), b"\1")
+        self._local = new
+
+    # -- events ----------------------------------------------------------------------------
+
+    def filenos(self) -> list[int]:
+        """The ring buffers' descriptors: readable while events wait."""
+        return [self.opens.fileno(), self.notes.fileno()]
+
+    def read(self, now: float | None = None) -> list[tuple[float, MatchEvent]]:
+        """Events since the last read, oldest first: ``(time.monotonic() time of the packet, event)``.
+
+        Every open; notes within the budget (the rest skipped, see ``skipped_notes``).
+        """
+        now = time.monotonic() if now is None else now
+        self._notes_budget = min(float(NOTES_PER_SECOND),
+                                 self._notes_budget + (now - self._budget_at) * NOTES_PER_SECOND)
+        self._budget_at = now
+        records = []
+        if self._notes_budget >= 1:
+            notes = self.notes.read(int(self._notes_budget))
+            self._notes_budget -= len(notes)
+            records += notes
+        if self._notes_budget < 1:
+            skipped = self.notes.skip()
+            self.skipped_notes += skipped // (KP.EVENT_SIZE + 8)
+        records += self.opens.read(1 << 16)
+        out = []
+        names = self.names
+        for r in records:
+            decoded = KP.decode_event(r, names)
+            if decoded is not None:
+                out.append((decoded[0] / 1e9, decoded[1]))
+        # Two rings: put a door's last stage before its open, and each packet's events in time order.
+        out.sort(key=lambda te: (te[0], te[1].kind == "open"))
+        return out
+
+    def expire(self, now: float | None = None, budget: int = EXPIRE_BUDGET) -> list[tuple[float, MatchEvent]]:
+        """Timeouts of attempts that simply stopped, as ``Matcher.expire`` gives them; call now and then.
+
+        The program notices a timeout only when the source knocks again; this
+        sweep reports (and removes) the others, ``budget`` entries a call, from
+        where the last call stopped. An entry seen expired is taken out with
+        one lookup-and-delete and put back if the source knocked in between
+        (a fresh attempt the program just started). Attempts of doors that
+        changed are removed silently, as the Python matcher drops them.
+        """
+        now_ns = round((time.monotonic() if now is None else now) * 1e9)
+        timeouts = {i: round(d.seq_timeout * 1e9) for d, i in self._doors.values()}
+        out: list[tuple[float, MatchEvent]] = []
+        key = self._sweep_at if self._sweep_at is not None else self.attempts.next_key(None)
+        for _ in range(budget):
+            if key is None:  # a whole pass: the next call starts over
+                self.attempts_seen, self._sweep_count = self._sweep_count, 0
+                break
+            # The next key before anything is deleted: after a key that is gone the kernel starts over.
+            nxt = self.attempts.next_key(key)
+            self._sweep_count += 1
+            event = self._expired(key, now_ns, timeouts)
+            if event is not None:
+                out.append(event)
+            key = nxt
+        self._sweep_at = key
+        return out
+
+    def _expired(self, key: bytes, now_ns: int, timeouts: dict[int, int]) -> tuple[float, MatchEvent] | None:
+        value = self.attempts.lookup(key)
+        if value is None:
+            return None
+        skey, door_id, started, _ = KP.decode_attempt(key, value)
+        limit = timeouts.get(door_id)
+        if limit is not None and now_ns - started <= limit:
+            return None
+        taken = self.attempts.lookup_and_delete(key)
+        if taken is None:
+            return None
+        _, _, started, stage = KP.decode_attempt(key, taken)
+        if limit is None:
+            return None  # a door that changed: dropped without a word, as the Python matcher does
+        if now_ns - started <= limit:
+            try:
+                self.attempts.update(key, taken, ebpf.BPF_NOEXIST)  # knocked again meanwhile: not ours to end
+            except ebpf.BpfError:
+                pass  # and again since: the program's attempt is the newer one
+            return None
+        return (started + limit) / 1e9, MatchEvent("timeout", self.names[door_id], skey, stage)
+
+    def take_skipped(self) -> int:
+        n, self.skipped_notes = self.skipped_notes, 0
+        return n
+
+    def counts(self) -> dict[str, int]:
+        """The counters: packets matched, lost opens and notes, events by kind (totals since the maps were made)."""
+        out = {}
+        for i, name in enumerate(KP.COUNTERS):
+            value = self.counters.lookup(_U32.pack(i))
+            out[name] = _U64.unpack(value)[0] if value is not None else 0
+        return out
+
+    def close(self) -> None:
+        if getattr(self, "program", None) is not None:
+            self.program.close()  # type: ignore[union-attr]
+            self.program = None
+        for thing in reversed(self._owned):
+            thing.close()
+        self._owned = []
+
+
+def unsuitable(doors: Sequence[MatchDoor], *, source_bound: bool, spa_port_knocked: bool) -> str | None:
+    """Why the kernel matcher cannot stand for the Python one with this configuration, or None."""
+    if source_bound:
+        return "rotating doors bound to the source address derive their ports per source, in user space"
+    if spa_port_knocked:
+        return "a door knocks on the SPA port, whose datagrams user space must also see"
+    if not doors:
+        return "no door to match"
+    return None

@@ -1,0 +1,131 @@
+"""spa.server.knock_kernel: door ids, local addresses, events and their budget, on the real kernel.
+
+Packets go through the loaded program with ``BPF_PROG_TEST_RUN`` (the live
+sockets are covered by the daemon tests in namespaces). Needs root.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+
+import pytest
+
+from spa import knock_program as KP
+from spa.grant import PortSpec
+from spa.knock import key_of
+from spa.matcher import MatchDoor
+from spa.server import knock_kernel
+from spa.server.knock_kernel import KernelMatcher, unsuitable
+from tests.rawip import ipv4, tcp, udp
+
+pytestmark = pytest.mark.netns
+
+HERE = ipaddress.IPv4Address("192.0.2.1")
+SSH = MatchDoor("ssh", (PortSpec(7000), PortSpec(8000), PortSpec(9000)), 5.0)
+UDP_DOOR = MatchDoor("dns", (PortSpec(5001, "udp"), PortSpec(5002, "udp")), 5.0)
+
+
+@pytest.fixture
+def km():
+    k = KernelMatcher(max_attempts=1024)
+    try:
+        k.set_local([HERE])
+        yield k
+    finally:
+        k.close()
+
+
+def knock(k: KernelMatcher, src: str, port: int, proto: str = "tcp", sport: int = 40000) -> None:
+    l4 = tcp(sport, port) if proto == "tcp" else udp(sport, port)
+    assert k.program is not None
+    assert k.program.test_run_ip(ipv4(6 if proto == "tcp" else 17, l4, src, str(HERE))) == 0
+
+
+def test_a_sequence_gives_its_stages_then_the_open_with_packet_times(km):
+    assert km.set_doors([SSH])
+    before = time.monotonic()
+    for i, p in enumerate((7000, 8000, 9000)):
+        knock(km, "198.51.100.5", p, sport=40000 + i)
+    got = km.read()
+    skey = key_of(ipaddress.ip_address("198.51.100.5"))
+    assert [tuple(e) for _, e in got] == [("stage", "ssh", skey, 1), ("stage", "ssh", skey, 2),
+                                          ("stage", "ssh", skey, 3), ("open", "ssh", skey, 3)]
+    assert all(before <= t <= time.monotonic() for t, _ in got)  # CLOCK_MONOTONIC, as the capture's times
+    counts = km.counts()
+    assert counts["packets"] == 3 and counts["stage"] == 3 and counts["open"] == 1
+    assert km.read() == []
+
+
+def test_door_ids_follow_definitions(km):
+    assert km.set_doors([SSH, UDP_DOOR])
+    assert not km.set_doors([SSH, UDP_DOOR])  # nothing changed: the same program
+    knock(km, "198.51.100.6", 7000)
+    knock(km, "198.51.100.16", 5001, "udp")  # another source: one knock-port packet resets a source's attempts
+    # A reload that changes dns but not ssh: ssh's attempt goes on, dns's is forgotten.
+    changed = MatchDoor("dns", (PortSpec(5001, "udp"), PortSpec(5003, "udp")), 5.0)
+    assert km.set_doors([SSH, changed])
+    km.read()
+    knock(km, "198.51.100.6", 8000, sport=40001)
+    knock(km, "198.51.100.16", 5003, "udp", sport=40002)
+    skey = key_of(ipaddress.ip_address("198.51.100.6"))
+    assert [tuple(e) for _, e in km.read()] == [("stage", "ssh", skey, 2)]  # 5003 alone: no dns attempt to advance
+
+
+def test_local_addresses_decide_what_a_door_without_target_sees(km):
+    km.set_doors([UDP_DOOR])
+    km.set_local([ipaddress.IPv4Address("192.0.2.77")])
+    knock(km, "198.51.100.7", 5001, "udp")
+    assert km.read() == [] and km.counts()["packets"] == 0  # not to us: not even counted
+    km.set_local([HERE])
+    knock(km, "198.51.100.7", 5001, "udp")
+    assert [e.kind for _, e in km.read()] == ["stage"]
+    assert list(km.local.keys()) == [KP.local_key(HERE)]
+
+
+def test_notes_past_the_budget_are_skipped_and_counted_opens_never(km, monkeypatch):
+    monkeypatch.setattr(knock_kernel, "NOTES_PER_SECOND", 5)
+    km._notes_budget = 5.0
+    km.set_doors([SSH, MatchDoor("one", (PortSpec(6000),), 5.0)])
+    for i in range(20):
+        knock(km, f"198.51.100.{10 + i}", 7000)  # 20 stage notes
+    knock(km, "198.51.100.99", 6000)  # a one-step door: a stage note and an open
+    got = km.read(now=km._budget_at)
+    kinds = [e.kind for _, e in got]
+    assert kinds.count("stage") == 5 and kinds.count("open") == 1
+    assert km.take_skipped() == 21 - 5 and km.take_skipped() == 0
+    assert km.counts()["stage"] == 21  # the kernel's totals count every event
+
+
+def test_unsuitable_configurations_say_why():
+    assert unsuitable([SSH], source_bound=False, spa_port_knocked=False) is None
+    assert "source" in unsuitable([SSH], source_bound=True, spa_port_knocked=False)
+    assert "SPA port" in unsuitable([SSH], source_bound=False, spa_port_knocked=True)
+    assert "no door" in unsuitable([], source_bound=False, spa_port_knocked=False)
+
+
+def test_the_sweep_reports_attempts_that_stopped_and_keeps_the_others(km):
+    short = MatchDoor("short", (PortSpec(7100), PortSpec(7200)), 0.05)
+    assert km.set_doors([short, SSH])
+    knock(km, "198.51.100.40", 7100)
+    knock(km, "198.51.100.41", 7000)
+    km.read()
+    t = time.monotonic()
+    assert km.expire(now=t) == [] and km.attempts_seen == 2  # nothing expired yet; a whole pass counted
+    got = km.expire(now=t + 1.0)
+    skey = key_of(ipaddress.ip_address("198.51.100.40"))
+    assert [e for _, e in got] == [("timeout", "short", skey, 1)]
+    assert len(list(km.attempts.keys())) == 1  # ssh's 5 s attempt stays
+    # A door that changed: its attempts go without a word.
+    assert km.set_doors([short, MatchDoor("ssh", (PortSpec(7000), PortSpec(9999)), 5.0)])
+    assert km.expire(now=t + 1.0) == [] and list(km.attempts.keys()) == []
+
+
+def test_the_sweep_goes_on_where_it_stopped(km):
+    km.set_doors([MatchDoor("short", (PortSpec(7100), PortSpec(7200)), 0.05)])
+    for i in range(10):
+        knock(km, f"198.51.100.{50 + i}", 7100)
+    later = time.monotonic() + 1.0
+    seen = [km.expire(now=later, budget=3) for _ in range(4)]
+    assert [len(s) for s in seen] == [3, 3, 3, 1]
+    assert len({e.key for s in seen for _, e in s}) == 10
