@@ -39,7 +39,7 @@ from spa.server.bpf import DROP_ALL, FilterError, compile_filter
 from spa.server.capture import ANY, Capture
 from spa.server.grants import DEFER_DELAY, GrantManager
 from spa.server.journal import boot_id
-from spa.server.knock_kernel import KernelMatcher, unsuitable
+from spa.server.knock_kernel import NOTES_INTERVAL, KernelMatcher, unsuitable
 from spa.server.logs import Names, Throttle, events
 from spa.server.onetime import OneTimeSequences
 from spa.server.sdnotify import Notifier
@@ -228,6 +228,7 @@ class Daemon:
         self._kernel_why: str | None = "not started"
         self._tapped: Capture | None = None  # the capture that carries the kernel matcher's taps
         self._kernel_fds: list[int] = []
+        self._notes_rearm: float | None = None  # when the notes ring may wake the loop again
         # Event totals of kernel matchers closed since start (their counters go with them).
         self._kernel_retired: collections.Counter[str] = collections.Counter()
         self._kernel_lost_logged = 0
@@ -381,11 +382,33 @@ class Daemon:
         self._kernel_fds = self.kernel.filenos() if self.kernel is not None else []
         for fd in self._kernel_fds:
             self.selector.register(fd, selectors.EVENT_READ, "kernel")
+        self._notes_rearm = None
+
+    def _rest_notes(self) -> None:
+        """Stop waking for notes for ``NOTES_INTERVAL``: under a flood the kernel would wake us for each one.
+
+        (A ring buffer wakes its reader for the first record after the reader
+        caught up; a reader that catches up at every wake-up is woken for
+        every record.) Opens still wake the loop at once, and bring the notes.
+        """
+        if self.kernel is None or self._notes_rearm is not None:
+            return
+        try:
+            self.selector.unregister(self.kernel.notes.fileno())
+        except (KeyError, ValueError):
+            return
+        self._notes_rearm = time.monotonic() + NOTES_INTERVAL
+
+    def _rearm_notes(self) -> None:
+        self._notes_rearm = None
+        if self.kernel is not None:
+            self.selector.register(self.kernel.notes.fileno(), selectors.EVENT_READ, "kernel")
 
     def _kernel_events(self) -> None:
         """What the kernel matcher saw: act on opens, log the rest (throttled), as ``_read`` does for packets."""
         assert self.kernel is not None
         found = self.kernel.read()
+        self._rest_notes()
         if not found:
             return
         quiet = None
@@ -448,6 +471,8 @@ class Daemon:
                 timeout = min(timeout, max(0.0, self._next_rotation - time.time()))
             if self._nonces_due is not None:
                 timeout = min(timeout, max(0.0, self._nonces_due - time.monotonic()))
+            if self._notes_rearm is not None:
+                timeout = min(timeout, max(0.0, self._notes_rearm - time.monotonic()))
             for key, _mask in self.selector.select(timeout):
                 kind = key.data
                 if kind == "packet":
@@ -478,6 +503,8 @@ class Daemon:
                 self.rotate_sequences()
             if self._nonces_due is not None and time.monotonic() >= self._nonces_due:
                 self.refresh_nonces()
+            if self._notes_rearm is not None and time.monotonic() >= self._notes_rearm:
+                self._rearm_notes()
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + TICK
                 self._tick()

@@ -38,6 +38,8 @@ OPENS_BYTES = 1 << 18  # 5 000+ opens between two reads
 NOTES_BYTES = 1 << 20
 #: Notes read (and so logged, within the log throttle) per second; the rest are skipped and counted.
 NOTES_PER_SECOND = 2000
+#: The daemon reads notes at most this often (opens at once, and the notes with them).
+NOTES_INTERVAL = 0.05
 #: Attempt-map entries looked at per ``expire`` call (two or three system calls each).
 EXPIRE_BUDGET = 1024
 # Names of retired door ids kept, for events still in the rings when a door changes.
