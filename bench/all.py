@@ -221,7 +221,7 @@ def summary_rows(text: str) -> list[list[str]]:
             if not m or r.get("flood") == "none":
                 continue
             daemon = r.get("daemon", "")
-            if "open = 22/tcp" in daemon:
+            if "open = 22/tcp" in daemon and "user space" not in daemon:
                 pending = r.get("rate sent, pps", "") == "50.0 k"
                 tgt = ours if pending else None
             elif "knockd" in daemon and pending:
@@ -243,7 +243,9 @@ def summary_rows(text: str) -> list[list[str]]:
             rate, flood, daemon = r.get("rate sent, pps", ""), r.get("flood", ""), r.get("daemon", "")
             if not rate.startswith("max") or flood.startswith("random") or not re.match(r"\d+/\d+", r.get("served", "")):
                 continue
-            who = "ours" if "open = 22/tcp" in daemon else "knockd" if "knockd" in daemon else ""
+            # Ours as it runs by default (the kernel matcher); the user-space row is its before/after.
+            who = ("ours" if "open = 22/tcp" in daemon and "user space" not in daemon
+                   else "knockd" if "knockd" in daemon else "")
             if who:
                 at_max.setdefault(who, []).append(f"{flood.split(' (')[0]} {r['served']} at {rate[5:]} pps")
     if at_max.get("ours"):

@@ -189,6 +189,62 @@ def measure(doors_text: str, floods: dict[str, str], frames: int = FRAMES, reps:
     return out
 
 
+def kernel_cost(doors_text: str, floods: dict[str, str], frames: int = 4096) -> dict[str, dict[str, float]]:
+    """Per flood kind: ns per packet of the kernel knock matcher's program alone (root).
+
+    Each of the flooder's frames goes once through the daemon's program for
+    these doors (``BPF_PROG_TEST_RUN``, which times the run in the kernel),
+    in order, so the attempts evolve as under the flood; the ring buffers are
+    emptied between batches (not timed). The same run of a program that only
+    returns is taken off (``floor_ns``: the test run's own cost, about 100 ns).
+    Each run is a system call of its own, on cold caches: a flood's packets
+    come in batches, on warm ones, so this is an upper bound. The receive path around the program
+    (the veth, the packet sockets) is not in it: ``bench/flood.py``'s softirq
+    column has the whole.
+    """
+    import struct
+
+    from spa.server import ebpf
+    from spa.server.daemon import Runtime
+    from spa.server.knock_kernel import KernelMatcher
+
+    # A program that only returns: what a test run costs around any program, taken off the figure.
+    floor_prog = ebpf.Program.load(struct.pack("<BBhi", 0xB7, 0, 0, 0) + struct.pack("<BBhi", 0x95, 0, 0, 0),
+                                   name="spa_floor")
+
+    tmp = Path(tempfile.mkdtemp(prefix="spa-kernel-cost-"))
+    out: dict[str, dict[str, float]] = {}
+    try:
+        conf = tmp / "knockd.conf"
+        conf.write_text("[options]\n" + doors_text)
+        doors = Runtime.load(str(conf)).match_doors()
+        for kind, ports in floods.items():
+            args = SimpleNamespace(dst_mac="02:00:00:00:00:01", dst_ip="192.0.2.1", sources=252, kind="ports",
+                                   ports=ports, exclude="", frames=frames)
+            # Ethernet frames, to the test device's (all-zero) MAC: another MAC would make them PACKET_OTHERHOST.
+            raw = [bytes(6) + bytes(f[6:]) for f in build_frames(args, random.Random(1), b"\x02" * 6)]
+            km = KernelMatcher()
+            try:
+                km.set_local([ipaddress.ip_address("192.0.2.1")])
+                km.set_doors(doors)
+                assert km.program is not None
+                total = floor = 0
+                for i, f in enumerate(raw):
+                    total += km.program.test_run(f)[1]
+                    floor += floor_prog.test_run(f)[1]
+                    if i % 512 == 511:
+                        km.read(now=time.monotonic() + 1e6)  # make room; not timed
+                counts = km.counts()
+            finally:
+                km.close()
+            out[kind] = {"ns": max(0.0, total - floor) / len(raw), "floor_ns": floor / len(raw),
+                         "events_per_packet": sum(counts[k] for k in ("stage", "open", "timeout", "reset")) / len(raw)}
+    finally:
+        floor_prog.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def nft_open_with_busy_thread(n: int = 100) -> dict[str, float]:
     """Median ms of ``NftBackend.open()`` for new elements: alone, and with a CPU-bound Python thread running."""
     import statistics
@@ -251,6 +307,9 @@ def main() -> int:
     import os
 
     if os.geteuid() == 0:
+        for kind, v in kernel_cost(config_for("spa"), {"six sequence ports": SEQ_PORTS, "first port": FIRST_PORT}).items():
+            print(f"{kind}: the kernel matcher's program alone: {v['ns']:.0f} ns per packet"
+                  f" ({v['events_per_packet']:.2f} events per packet; test-run floor {v['floor_ns']:.0f} ns taken off)")
         g = nft_open_with_busy_thread()
         print(f"nft open(): median {g['alone']:.2f} ms alone, {g['busy_thread']:.2f} ms next to a busy Python thread")
     return 0

@@ -13,7 +13,12 @@ opens them with ``open = 22/tcp`` (nft); knockd runs the seed's iptables
 commands (``iptables -A``/``-D ... --dport 22 -j ACCEPT`` through ``/bin/sh``);
 ``spa-command`` is our server with those same commands (by default on the
 spoofed sequence-port and first-port rows up to 50 k pps; ``--daemons`` picks
-for all rows).
+for all rows). Our server matches knocks in the kernel (its default,
+``--knock-matcher auto``); ``spa-user`` is our server matching them in user
+space (``--knock-matcher user``), run beside it on the spoofed rows at 100 k
+pps and at the maximum. *softirq CPU* is the whole machine's softirq time
+per second of the row (``/proc/stat``): receiving the flood, the capture
+filters and our kernel matcher run there, charged to no process.
 
 A flood comes from ``bench/flooder.py`` in the client namespace (prebuilt
 Ethernet frames to the server veth's MAC through an ``AF_PACKET`` socket,
@@ -472,7 +477,8 @@ def findings(rows: list[Row]) -> list[str]:
         parts = []
         for rate in _rates(rows, kind):
             cells = []
-            for d, name in (("spa", "ours"), ("knockd", "knockd"), ("spa-command", "ours with commands")):
+            for d, name in (("spa", "ours"), ("spa-user", "ours matching in user space"), ("knockd", "knockd"),
+                            ("spa-command", "ours with commands")):
                 r = find(rows, d, kind, rate)
                 if r is not None:
                     cells.append(f"{name} {_served(r)} ({_ms(r.median)} ms, {r.cpu * 100:.0f} % CPU)")
@@ -496,9 +502,9 @@ def analysis(rows: list[Row], cost: dict) -> list[str]:
     if s0 and k0 and s0.median and k0.median:
         out.append(
             f"- *Where we win: latency.* {_ms(s0.median)} against {_ms(k0.median)} ms without a flood, and the gap"
-            " holds under every flood we survive: our packet socket wakes the loop for each packet, libpcap hands"
+            " holds under every flood: the kernel matcher wakes our loop for an open at once, libpcap hands"
             " knockd its packets when its 50 ms buffer timeout ends. Random-port floods never reach either process:"
-            " both filter in the kernel (ours: a BPF program on an AF_PACKET socket; knockd: libpcap's)."
+            " both filter in the kernel (ours: BPF programs on AF_PACKET sockets; knockd: libpcap's)."
         )
     cap = cost.get("capture", {})
     seq, first = cap.get("six sequence ports"), cap.get("first port")
@@ -550,10 +556,12 @@ def analysis(rows: list[Row], cost: dict) -> list[str]:
                  " 300–350 ms at 10 k pps, with thousands of grants still queued at the end of the row.)")
         out.append(text)
     if seq and first:
-        sf_rows = [r for r in (find(rows, "spa", "first", 100_000), find(rows, "spa", "first", 0),
-                               find(rows, "spa", "seq", 100_000), sm) if r is not None and r.latencies]
+        sf_rows = [r for r in (find(rows, "spa-user", "first", 100_000), find(rows, "spa-user", "first", 0),
+                               find(rows, "spa-user", "seq", 100_000), find(rows, "spa-user", "seq", 0))
+                   if r is not None and r.latencies]
         text = (
-            "- *The capture loop's cost per packet* sets our ceiling. Measured on the flooder's own frames"
+            "- *In user space (`--knock-matcher user`) the capture loop's cost per packet* sets the ceiling."
+            " Measured on the flooder's own frames"
             " (`bench/capture_cost.py`, table below), the whole loop costs"
             f" {first['loop_us']:.1f} µs per first-port packet and {seq['loop_us']:.1f} µs per sequence-port packet"
             " (reading the packet ring, parsing, matching, rate-limited log lines), so one core handles about"
@@ -571,7 +579,8 @@ def analysis(rows: list[Row], cost: dict) -> list[str]:
                 f"{r.scenario.label} at {r.sent_pps / 1000:.0f} k pps: {_served(r)} served,"
                 f" {_ms(r.median) + ' ms median, ' if r.median is not None else ''}the loop at {r.cpu_loop * 100:.0f} % CPU"
                 for r in sf_rows) + ")"
-        hot = [r for r in (find(rows, "spa", "seq", 100_000), sm) if r is not None and r.cpu - r.cpu_loop > 0.15]
+        hot = [r for r in (find(rows, "spa-user", "seq", 100_000), find(rows, "spa-user", "seq", 0))
+               if r is not None and r.cpu - r.cpu_loop > 0.15]
         if hot:
             r = hot[0]
             text += (f". On sequence-port floods the loop is not alone: at {r.sent_pps / 1000:.0f} k pps the grant"
@@ -584,18 +593,35 @@ def analysis(rows: list[Row], cost: dict) -> list[str]:
             text += (f". knockd at the first-port maximum ({kf.sent_pps / 1000:.0f} k pps) served {_served(kf)} at"
                      f" {kf.cpu * 100:.0f} % CPU")
         out.append(text + ".")
+    kern = cost.get("kernel", {})
+    kcells = [f"{r.scenario.label} at {r.sent_pps / 1000:.0f} k pps: {_served(r)} served, daemon at"
+              f" {r.cpu * 100:.1f} % CPU, softirq {r.softirq * 100:.0f} %"
+              + (f" (matching in user space: {_served(u)}, daemon {u.cpu * 100:.0f} %, softirq {u.softirq * 100:.0f} %"
+                 f" at {u.sent_pps / 1000:.0f} k pps)" if u is not None else "")
+              for r, u in ((find(rows, "spa", kind, 0), find(rows, "spa-user", kind, 0)) for kind in ("first", "seq"))
+              if r is not None and r.latencies]
+    if kcells:
+        text = ("- *Where we win: the knock matcher in the kernel* (the default). The daemon generates an eBPF program"
+                " from its doors that matches every knock where it arrives and reports only events, so the daemon's"
+                " CPU is the grants' and the log's, whatever the flood: " + "; ".join(kcells) + ".")
+        if kern:
+            text += (" The program itself costs " + " and ".join(
+                f"{v['ns']:.0f} ns a {k.split()[0] if k.startswith('first') else 'sequence-port'} packet"
+                for k, v in kern.items()) + " (`BPF_PROG_TEST_RUN`), inside the softirq time that receiving the"
+                     " flood costs the kernel anyway; the sender, which shares the two vCPUs with that softirq"
+                     " work, sets the maximum rate.")
+        out.append(text)
     s1, k1 = find(rows, "spa", "seq", 1_000), find(rows, "knockd", "seq", 1_000)
     if s1 and k1:
         out.append(
-            f"- *Where we lose: CPU at low rates.* {s1.cpu * 100:.0f} % at 1 k pps of sequence-port traffic against"
-            f" knockd's {k1.cpu * 100:.1f} %: at low rates every packet wakes the loop on its own and pays the"
-            " selector and Python's per-call costs, where knockd gets its packets in 50 ms batches."
+            f"- *Where we lose: CPU at low rates.* {s1.cpu * 100:.1f} % at 1 k pps of sequence-port traffic against"
+            f" knockd's {k1.cpu * 100:.1f} %: the matching is in the kernel, but the {s1.spoofed_grants} spoofed"
+            " opens of the row each cost a grant (journal row, nft element) and log lines."
         )
     ideas = [
-        "fewer wake-ups at low rates (at 1 k pps every packet wakes the loop on its own)",
-        "a compiled per-packet path (parse and match in C, or an eBPF program keeping the attempts in the kernel):"
-        " Python's few microseconds per packet are the ceiling above, and the sender's maximum on this machine is"
-        " just past it",
+        "on sequence-port floods the daemon's CPU is the spoofed grants' (a spoofed source completes a door about"
+        " once in 74 packets): that is the method's (a spoofed success opens only for the spoofed address), but a"
+        " per-source rate limit on opens would cut the firewall work",
     ]
     out += ["", "**What would help next** (proposed; not done here): " + "; ".join(ideas) + "."]
     return out
@@ -631,7 +657,8 @@ def render_section(rows: list[Row], info: dict[str, str], when: str, elapsed: fl
         "(iptables-nft) and a service on tcp/22 in the server namespace, and one daemon there (`-i veth0`) with",
         "the reference measurements' three doors (knockd.md §7): `7000,8000,9000` with `tcpflags = syn`, and",
         "`5001:udp,5002:tcp,5003:udp` and its reverse; `seq_timeout = 5`, `cmd_timeout = 10`. Our `spa-server`",
-        "opens `open = 22/tcp` (nft set elements through libnftables); knockd runs the seed's commands",
+        "opens `open = 22/tcp` (nft set elements) and matches knocks in the kernel (*knocks matched in user space*:",
+        "`--knock-matcher user`); knockd runs the seed's commands",
         "(`/usr/sbin/iptables -A INPUT -s %IP% -p tcp --syn --dport 22 -j ACCEPT`, `-D` after `cmd_timeout`), and",
         "so does *spa-server, iptables commands*. The flood comes from `bench/flooder.py` in the client",
         "namespace: frames built beforehand (Ethernet to the server veth's MAC, IPv4 with valid checksums, TCP",
@@ -711,6 +738,15 @@ def render_section(rows: list[Row], info: dict[str, str], when: str, elapsed: fl
         if nft:
             parts += [f"nft backend `open()` of a new element, median: {nft['alone']:.2f} ms alone, "
                       f"{nft['busy_thread']:.2f} ms with a CPU-bound Python thread in the same process.", ""]
+    kern = cost.get("kernel", {})
+    if kern:
+        parts += ["**The kernel matcher's program alone** (the default; `bench/capture_cost.py`: each of the",
+                  "flooder's frames once through the program for these doors with `BPF_PROG_TEST_RUN`, which times",
+                  "the run in the kernel, less the same run of a program that only returns; one system call a",
+                  "packet, on cold caches, so an upper bound): " + "; ".join(
+                      f"{k}: {v['ns']:.0f} ns a packet ({v['events_per_packet']:.2f} events a packet)"
+                      for k, v in kern.items())
+                  + ". The receive path around it (veth, packet sockets) is in the *softirq CPU* column.", ""]
     if len(codes) > 1:
         parts += ["**The code changed during this run**; our server's rows ran: " + "; ".join(
             f"commit {c}: " + ", ".join(f"{r.scenario.label} {r.scenario.rate_label} / {r.daemon}" for r in rs)
@@ -775,6 +811,8 @@ def main(argv: list[str] | None = None) -> int:
         cost["capture"] = capture_cost.measure(config_for("spa"), {"six sequence ports": SEQ_PORTS,
                                                                    "first port": FIRST_PORT})
         cost["nft"] = capture_cost.nft_open_with_busy_thread()
+        cost["kernel"] = capture_cost.kernel_cost(config_for("spa"), {"six sequence ports": SEQ_PORTS,
+                                                                      "first port": FIRST_PORT})
     except Exception as exc:  # noqa: BLE001 - the rows matter more
         log(f"  failed: {type(exc).__name__}: {exc}")
     rows: list[Row] = []

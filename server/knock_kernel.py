@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address, IPv6Address
 
 from spa import knock_program as KP
+from spa.ebpf_asm import AsmError
 from spa.matcher import DEFAULT_MAX_ATTEMPTS, MatchDoor, MatchEvent
 from spa.server import ebpf
 
@@ -40,12 +41,15 @@ NOTES_BYTES = 1 << 20
 NOTES_PER_SECOND = 2000
 #: The daemon reads notes at most this often (opens at once, and the notes with them).
 NOTES_INTERVAL = 0.05
+#: Doors (as the matcher has them) the kernel matcher takes. Every knock packet costs a map
+#: lookup per door and the verifier's work grows with them: 16 doors measured about 1.8 µs a packet
+#: (cold caches) and 32 ms to load, 32 doors 3 µs and 81 ms; past that the Python matcher is cheaper.
+MAX_DOORS = 16
 #: Attempt-map entries looked at per ``expire`` call (two or three system calls each).
 EXPIRE_BUDGET = 1024
 # Names of retired door ids kept, for events still in the rings when a door changes.
 _RETIRED_NAMES = 4096
 _U32 = struct.Struct("=I")
-_U64 = struct.Struct("=Q")
 
 
 class KernelMatcher:
@@ -61,7 +65,7 @@ class KernelMatcher:
                                                       max_attempts, name="spa_attempts"))
             self.opens = self._own(ebpf.RingBuffer.create(OPENS_BYTES, name="spa_opens"))
             self.notes = self._own(ebpf.RingBuffer.create(NOTES_BYTES, name="spa_notes"))
-            self.counters = self._own(ebpf.Map.create(ebpf.ARRAY, 4, 8, len(KP.COUNTERS), name="spa_counters"))
+            self.counters = self._own(ebpf.Map.create(ebpf.ARRAY, 4, KP.COUNTERS_VALUE_SIZE, 1, name="spa_counters"))
             self.local = self._own(ebpf.Map.create(ebpf.HASH, KP.LOCAL_KEY_SIZE, 1, 4096, name="spa_local"))
         except BaseException:
             self.close()
@@ -103,7 +107,11 @@ class KernelMatcher:
             wanted.append((door_id, d))
         if self.program is not None and doors_now == self._doors:
             return False
-        program = ebpf.Program.load(KP.build(wanted, self.maps), name="spa_knocks")
+        try:
+            code = KP.build(wanted, self.maps)
+        except AsmError as exc:  # too long for a jump: refuse as the kernel would
+            raise ebpf.BpfError(f"the kernel matcher's program cannot be built: {exc}") from exc
+        program = ebpf.Program.load(code, name="spa_knocks")
         old, self.program, self._doors = self.program, program, doors_now
         if old is not None:
             old.close()  # sockets it is attached to keep it until they get the new one
@@ -138,7 +146,8 @@ class KernelMatcher:
         self._notes_budget = min(float(NOTES_PER_SECOND),
                                  self._notes_budget + (now - self._budget_at) * NOTES_PER_SECOND)
         self._budget_at = now
-        records = []
+        # Opens first: every note the program wrote before an open read here is then in its ring too.
+        records = self.opens.read(1 << 16)
         if self._notes_budget >= 1:
             notes = self.notes.read(int(self._notes_budget))
             self._notes_budget -= len(notes)
@@ -146,7 +155,6 @@ class KernelMatcher:
         if self._notes_budget < 1:
             skipped = self.notes.skip()
             self.skipped_notes += skipped // (KP.EVENT_SIZE + 8)
-        records += self.opens.read(1 << 16)
         out = []
         names = self.names
         for r in records:
@@ -213,11 +221,8 @@ class KernelMatcher:
 
     def counts(self) -> dict[str, int]:
         """The counters: packets matched, lost opens and notes, events by kind (totals since the maps were made)."""
-        out = {}
-        for i, name in enumerate(KP.COUNTERS):
-            value = self.counters.lookup(_U32.pack(i))
-            out[name] = _U64.unpack(value)[0] if value is not None else 0
-        return out
+        value = self.counters.lookup(_U32.pack(0))
+        return KP.decode_counters(value) if value is not None else dict.fromkeys(KP.COUNTERS, 0)
 
     def close(self) -> None:
         if getattr(self, "program", None) is not None:
@@ -230,6 +235,9 @@ class KernelMatcher:
 
 def unsuitable(doors: Sequence[MatchDoor], *, source_bound: bool, spa_port_knocked: bool) -> str | None:
     """Why the kernel matcher cannot stand for the Python one with this configuration, or None."""
+    if len(doors) > MAX_DOORS:
+        return (f"{len(doors)} doors to match (rotating doors count once per sequence in force); the kernel"
+                f" matcher takes up to {MAX_DOORS}, as each costs every knock packet a map lookup there")
     if source_bound:
         return "rotating doors bound to the source address derive their ports per source, in user space"
     if spa_port_knocked:

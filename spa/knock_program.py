@@ -44,7 +44,7 @@ the number a big-endian read of those bytes gives, IPv4 as ``0, 0, 0, a``):
 * attempt value, 24 bytes: start (``u64`` ns), stage, TCP seq, sport, dport;
 * local address key, 20 bytes: address words, family;
 * event, 40 bytes: time (``u64`` ns), kind, stage, then the attempt key;
-* counters: an array of ``u64``, see ``COUNTERS``.
+* counters: one array element of a ``u64`` per name in ``COUNTERS``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from spa import ebpf_asm as A
 from spa.knock import V6_KEY
 from spa.matcher import MatchDoor, MatchEvent
 
-__all__ = ["Maps", "build", "decode_event", "decode_attempt", "attempt_key", "local_key", "door_steps", "ATTEMPT_KEY_SIZE",
+__all__ = ["Maps", "build", "decode_event", "decode_attempt", "decode_counters", "COUNTERS_VALUE_SIZE", "attempt_key", "local_key", "door_steps", "ATTEMPT_KEY_SIZE",
            "ATTEMPT_VALUE_SIZE", "LOCAL_KEY_SIZE", "EVENT_SIZE", "COUNTERS", "KINDS"]
 
 TCP, UDP = 6, 17
@@ -78,6 +78,9 @@ _C_PACKETS, _C_LOST_OPENS, _C_LOST_NOTES = range(3)
 _C_KIND = {kind: COUNTERS.index(kind) for kind in KINDS.values()}
 
 _EVENT = struct.Struct("=QII4III")
+#: The counters map: an array of one element, every counter in it (``decode_counters``).
+COUNTERS_VALUE_SIZE = 8 * len(COUNTERS)
+_COUNTERS = struct.Struct(f"={len(COUNTERS)}Q")
 _KEY = struct.Struct("=4III")
 _VALUE = struct.Struct("=QI")
 _LOCAL = struct.Struct("=4II")
@@ -93,6 +96,7 @@ _DST_FAMILY = -44
 _SPORT, _DPORT, _SEQ, _FLAGS, _PROTO, _LOCAL_OK, _STAGE = -64, -68, -72, -76, -80, -84, -88
 _VAL = -112  # a new attempt: start u64, stage, seq, sport, dport
 _SLOT = -116  # a u32 array index (counters, clock)
+_CNT = -128  # the counters' address, looked up once a packet
 
 _SKB_LEN = 0  # offsetof(struct __sk_buff, len)
 _SKB_PKT_TYPE = 4  # offsetof(struct __sk_buff, pkt_type)
@@ -107,7 +111,7 @@ class Maps:
     attempts: int  # LRU hash: attempt key -> attempt value
     opens: int  # ring buffer
     notes: int  # ring buffer
-    counters: int  # array of u64, len(COUNTERS) slots
+    counters: int  # array of one element: COUNTERS_VALUE_SIZE bytes, a u64 per counter
     local: int | None = None  # hash: local-address key -> u8; None: every destination is local
     clock: int | None = None  # array with one u64, "now" in ns, for tests; None: the kernel's monotonic clock
 
@@ -148,6 +152,11 @@ def decode_event(record: bytes, names: Mapping[int, str]) -> tuple[int, MatchEve
     return t, MatchEvent(what, name, skey, stage)  # type: ignore[arg-type]
 
 
+def decode_counters(value: bytes) -> dict[str, int]:
+    """The counters map's one value, by name."""
+    return dict(zip(COUNTERS, _COUNTERS.unpack(value)))
+
+
 def decode_attempt(key: bytes, value: bytes) -> tuple[int, int, int, int]:
     """(source key, door id, start in ns, stage) of one entry of the attempt map."""
     w0, w1, w2, w3, door_id, family = _KEY.unpack(key)
@@ -180,18 +189,22 @@ class _Gen:
 
     # -- pieces ------------------------------------------------------------------
 
-    def count(self, slot: int) -> None:
+    def counters(self) -> None:
+        """Look the counters up once (on to ``out`` if missing) and keep their address on the stack."""
         a = self.a
-        skip = self.fresh("counted")
-        a.st_imm(A.W, A.R10, _SLOT, slot)
+        a.st_imm(A.W, A.R10, _SLOT, 0)
         a.ld_map_fd(A.R1, self.maps.counters)
         a.mov64_reg(A.R2, A.R10)
         a.alu64_imm(A.ADD, A.R2, _SLOT)
         a.call(A.FN_map_lookup_elem)
-        a.jmp_imm(A.JEQ, A.R0, 0, skip)
-        a.mov64_imm(A.R1, 1)
-        a.atomic_add(A.DW, A.R0, 0, A.R1)
-        a.label(skip)
+        a.jmp_imm(A.JEQ, A.R0, 0, "out")
+        a.stx(A.DW, A.R10, _CNT, A.R0)
+
+    def count(self, slot: int) -> None:
+        a = self.a
+        a.ldx(A.DW, A.R1, A.R10, _CNT)
+        a.mov64_imm(A.R2, 1)
+        a.atomic_add(A.DW, A.R1, 8 * slot, A.R2)
 
     def emit(self, kind: str, *, stage: int | None = None) -> None:
         """One event: ``stage`` given, or the one saved at ``_STAGE``."""
@@ -390,6 +403,12 @@ class _Gen:
             a.label(other)
         a.ja("out")
         a.label("matched")
+        # r8 again, from the stack: after the chain above the verifier knows it as one constant per step
+        # and would walk every door once per step; reloaded, it is one unknown and the paths merge.
+        a.ldx(A.W, A.R8, A.R10, _PROTO)
+        a.alu64_imm(A.LSH, A.R8, 16)
+        a.ldx(A.W, A.R1, A.R10, _DPORT)
+        a.alu64_reg(A.OR, A.R8, A.R1)
 
     def clock(self) -> None:
         """r9 = now, in ns."""
@@ -503,8 +522,20 @@ class _Gen:
         a.ja(first)
 
         a.label(reset)
+        # On the door's first step (which the door sees: checked above) the attempt restarts in
+        # place: the events and state of a delete and a new attempt, without the map's delete and insert.
+        gone = self.fresh("reset_gone")
+        a.jmp_imm(A.JNE, A.R8, steps[0], gone)
+        self.emit("reset")
+        a.stx(A.DW, A.R7, 0, A.R9)
+        a.st_imm(A.W, A.R7, 8, 1)
+        self.copy_last(A.R7, 0)
+        self.emit("stage", stage=1)
+        a.ja(done)
+        a.label(gone)
         self.delete_attempt()
         self.emit("reset")
+        a.ja(done)  # not a first step the door sees: nothing starts
 
         a.label(first)
         a.jmp_imm(A.JNE, A.R8, steps[0], done)
@@ -534,6 +565,7 @@ def build(doors: Sequence[tuple[int, MatchDoor]], maps: Maps) -> bytes:
     g.parse()
     g.prefilter([d for _, d in doors])
     g.destination([d for _, d in doors])
+    g.counters()
     g.count(_C_PACKETS)
     g.clock()
     for door_id, d in doors:

@@ -102,6 +102,17 @@ def test_unsuitable_configurations_say_why():
     assert "source" in unsuitable([SSH], source_bound=True, spa_port_knocked=False)
     assert "SPA port" in unsuitable([SSH], source_bound=False, spa_port_knocked=True)
     assert "no door" in unsuitable([], source_bound=False, spa_port_knocked=False)
+    many = [MatchDoor(f"d{i}", (PortSpec(10000 + i),), 5.0) for i in range(knock_kernel.MAX_DOORS + 1)]
+    assert "takes up to" in unsuitable(many, source_bound=False, spa_port_knocked=False)
+    assert unsuitable(many[:-1], source_bound=False, spa_port_knocked=False) is None
+
+
+def test_the_most_doors_it_takes_load(km):
+    doors = [MatchDoor(f"d{i}", (PortSpec(10000 + 3 * i), PortSpec(10001 + 3 * i, "udp"), PortSpec(10002 + 3 * i)),
+                       5.0, guards=(PortSpec(20000 + i),)) for i in range(knock_kernel.MAX_DOORS)]
+    assert km.set_doors(doors)
+    knock(km, "198.51.100.60", 10000 + 3 * 15)
+    assert [(e.kind, e.door) for _, e in km.read()] == [("stage", "d15")]
 
 
 def test_the_sweep_reports_attempts_that_stopped_and_keeps_the_others(km):

@@ -50,7 +50,7 @@ class Kernel:
         self.attempts = E.Map.create(E.LRU_HASH, KP.ATTEMPT_KEY_SIZE, KP.ATTEMPT_VALUE_SIZE, 1 << 14, name="t_att")
         self.opens = E.RingBuffer.create(1 << 16, name="t_opens")
         self.notes = E.RingBuffer.create(1 << 16, name="t_notes")
-        self.counters = E.Map.create(E.ARRAY, 4, 8, len(KP.COUNTERS), name="t_cnt")
+        self.counters = E.Map.create(E.ARRAY, 4, KP.COUNTERS_VALUE_SIZE, 1, name="t_cnt")
         self.local = E.Map.create(E.HASH, KP.LOCAL_KEY_SIZE, 1, 16, name="t_local")
         self.clock = E.Map.create(E.ARRAY, 4, 8, 1, name="t_clock")
         for a in LOCAL:
@@ -63,8 +63,7 @@ class Kernel:
     def load(self, doors: list[MatchDoor]) -> None:
         for k in list(self.attempts.keys()):
             self.attempts.delete(k)
-        for i in range(len(KP.COUNTERS)):
-            self.counters.update(struct.pack("=I", i), bytes(8))
+        self.counters.update(struct.pack("=I", 0), bytes(KP.COUNTERS_VALUE_SIZE))
         self.opens.read(1 << 16)
         self.notes.read(1 << 16)
         if self.program is not None:
@@ -87,9 +86,9 @@ class Kernel:
         return sorted(out)
 
     def counter(self, name: str) -> int:
-        value = self.counters.lookup(struct.pack("=I", KP.COUNTERS.index(name)))
+        value = self.counters.lookup(struct.pack("=I", 0))
         assert value is not None
-        return struct.unpack("=Q", value)[0]
+        return KP.decode_counters(value)[name]
 
     def close(self) -> None:
         for m in (self.program, self.attempts, self.opens, self.notes, self.counters, self.local, self.clock):
