@@ -534,7 +534,8 @@ def analysis(rows: list[Row], cost: dict) -> list[str]:
     if gs is not None:
         out.append(
             f"- *Where we win: memory.* Ours {gs:+.1f} % (start-up allocation in the first seconds, then flat): one"
-            " attempt per (source, door), capped at 65 536 with the oldest evicted first, and a bounded address cache"
+            " attempt per (source, door), capped at 65 536 (in the kernel matcher's map, allocated whole at start and"
+            " not in RSS; in user space the oldest evicted first), and a bounded address cache"
             + (f"; knockd {gk:+.0f} %, the attempt-list leak of knockd.md §5/§7.4." if gk is not None else ".")
         )
     s50, k50 = find(rows, "spa", "seq", 50_000), find(rows, "knockd", "seq", 50_000)
@@ -606,7 +607,7 @@ def analysis(rows: list[Row], cost: dict) -> list[str]:
                 " CPU is the grants' and the log's, whatever the flood: " + "; ".join(kcells) + ".")
         if kern:
             text += (" The program itself costs " + " and ".join(
-                f"{v['ns']:.0f} ns a {k.split()[0] if k.startswith('first') else 'sequence-port'} packet"
+                f"{v['ns']:.0f} ns a {'first-port' if k.startswith('first') else 'sequence-port'} packet"
                 for k, v in kern.items()) + " (`BPF_PROG_TEST_RUN`), inside the softirq time that receiving the"
                      " flood costs the kernel anyway; the sender, which shares the two vCPUs with that softirq"
                      " work, sets the maximum rate.")
