@@ -140,3 +140,56 @@ def test_the_sweep_goes_on_where_it_stopped(km):
     seen = [km.expire(now=later, budget=3) for _ in range(4)]
     assert [len(s) for s in seen] == [3, 3, 3, 1]
     assert len({e.key for s in seen for _, e in s}) == 10
+
+
+def test_a_spoofed_flood_is_matched_in_the_kernel_and_the_client_gets_in(lab, tmp_path):
+    """The daemon with the kernel matcher, real packets: 3 000 spoofed SYNs on the sequence ports
+    (126 sources, each always on the same port: no spoofed open), then the real knock client.
+    The kernel counts every packet, the client's door opens, and nothing else does."""
+    import json
+    import socket
+
+    from spa.metrics import parse
+    from spa.server.netns import SERVER_V4, in_netns
+    from tests.netns.knockd_helpers import Server, knock_client
+    from tests.rawip import SYN
+
+    lab.default_deny("nft")
+    server = Server(lab, tmp_path, "[ssh]\n    sequence = 7000,8000,9000\n    seq_timeout = 5\n    tcpflags = syn\n"
+                                   "    open = 22/tcp\n    cmd_timeout = 30\n", extra=("--knock-matcher", "kernel"))
+    state = tmp_path / "state"
+    flood = 3000
+    try:
+        assert "knock matching in the kernel" in server.text(), server.text()
+        with in_netns(lab.client):
+            raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        try:
+            for i in range(flood):  # bounded; to the server namespace only
+                packet = ipv4(6, tcp(40000 + i % 1000, (7000, 8000, 9000)[i % 3], SYN, seq=i),
+                              f"198.51.100.{i % 126 + 1}", SERVER_V4)
+                raw.sendto(packet, (SERVER_V4, 0))
+        finally:
+            raw.close()
+        assert knock_client(lab, SERVER_V4, "7000", "8000", "9000").returncode == 0
+        assert lab.wait_for(True, SERVER_V4, limit=2) is not None, server.output()
+        assert server.wait_log("192.0.2.2: ssh: OPEN SESAME")
+        deadline, m = time.monotonic() + 8, {}
+        while time.monotonic() < deadline:
+            try:
+                m = parse((state / "metrics.prom").read_text())
+            except FileNotFoundError:
+                m = {}
+            if m.get('spa_packets_total{result="parsed"}', 0) >= flood + 3:
+                break
+            time.sleep(0.2)
+        assert m.get('spa_packets_total{result="parsed"}') == flood + 3, m
+        assert m['spa_knock_events_total{kind="open"}'] == 1  # the client's, no spoofed one
+        # Every third packet is on 7000 (from the 42 sources that only ever knock there): it starts an attempt,
+        # or resets and restarts its source's; 8000 and 9000 from sources without an attempt do nothing.
+        assert m['spa_knock_events_total{kind="stage"}'] == flood // 3 + 3
+        assert m['spa_knock_events_total{kind="reset"}'] == flood // 3 - 42
+        status = json.loads((state / "status.json").read_text())
+        assert status["knock_matcher"] == "kernel"
+        assert "198.51.100." not in server.text().split("OPEN SESAME")[-1].split("\n", 1)[0]
+    finally:
+        server.stop()
