@@ -229,6 +229,7 @@ class Daemon:
         self._tapped: Capture | None = None  # the capture that carries the kernel matcher's taps
         self._kernel_fds: list[int] = []
         self._notes_rearm: float | None = None  # when the notes ring may wake the loop again
+        self._kernel_stop_due = False
         # Event totals of kernel matchers closed since start (their counters go with them).
         self._kernel_retired: collections.Counter[str] = collections.Counter()
         self._kernel_lost_logged = 0
@@ -331,6 +332,8 @@ class Daemon:
             self.spa_filter.clear()  # nothing left for refresh_nonces to put back
             program = self._compiled
         self._install(program)
+        if self._kernel_stop_due and self._installed == program:
+            self._stop_kernel()
 
     def _sync_kernel(self, spa_port_knocked: bool) -> bool:
         """Start, update or stop the kernel knock matcher for the doors now; True while it matches them."""
@@ -355,34 +358,46 @@ class Daemon:
                     self._tapped = self.capture
             except ebpf.BpfError as exc:
                 why = f"the kernel refused the matcher: {exc}"
-        if why is not None and self.kernel is not None:
-            if self.capture is not None:
-                self.capture.set_tap(None)
-            self._kernel_retired.update(self.kernel.counts())
-            self.kernel.close()
-            self.kernel, self._tapped, self._kernel_lost_logged = None, None, 0
+        # Stopped only once the capture filter has the knock ports back (``_stop_kernel``): no knock unseen.
+        self._kernel_stop_due = why is not None and self.kernel is not None
         if why != self._kernel_why:
             if why is None:
                 events.info("knock matching in the kernel (eBPF socket filter)")
+                self._register_kernel()
             elif mode == "kernel":
                 # Asked for by name: say so loudly, and match in user space rather than not at all.
                 log.error("knock matching cannot run in the kernel (%s); matching in user space", why)
             else:
                 log.info("knock matching in user space: %s", why)
-            self._register_kernel()
         self._kernel_why = why
         return why is None
 
-    def _register_kernel(self) -> None:
+    def _stop_kernel(self) -> None:
+        """The kernel matcher's last events, then its taps and maps go (the Python matcher has the knocks now)."""
+        self._kernel_stop_due = False
+        if self.kernel is None:
+            return
+        self._kernel_events()
+        self._unregister_kernel()
+        if self.capture is not None:
+            self.capture.set_tap(None)
+        self._kernel_retired.update(self.kernel.counts())
+        self.kernel.close()
+        self.kernel, self._tapped, self._kernel_lost_logged = None, None, 0
+
+    def _unregister_kernel(self) -> None:
         for fd in self._kernel_fds:
             try:
                 self.selector.unregister(fd)
             except (KeyError, ValueError):
                 pass
+        self._kernel_fds, self._notes_rearm = [], None
+
+    def _register_kernel(self) -> None:
+        self._unregister_kernel()
         self._kernel_fds = self.kernel.filenos() if self.kernel is not None else []
         for fd in self._kernel_fds:
             self.selector.register(fd, selectors.EVENT_READ, "kernel")
-        self._notes_rearm = None
 
     def _rest_notes(self) -> None:
         """Stop waking for notes for ``NOTES_INTERVAL``: under a flood the kernel would wake us for each one.

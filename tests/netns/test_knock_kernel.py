@@ -193,3 +193,32 @@ def test_a_spoofed_flood_is_matched_in_the_kernel_and_the_client_gets_in(lab, tm
         assert "198.51.100." not in server.text().split("OPEN SESAME")[-1].split("\n", 1)[0]
     finally:
         server.stop()
+
+
+def test_reloads_move_matching_between_kernel_and_user_space(lab, tmp_path):
+    """SIGHUP to more doors than the kernel matcher takes, then back: each side opens the door in turn."""
+    import signal
+
+    from spa.server.netns import SERVER_V4
+    from tests.netns.knockd_helpers import Server, knock_client
+
+    def config(doors: int) -> str:
+        extra = "".join(f"[d{i}]\n    sequence = {20000 + 3 * i},{20001 + 3 * i},{20002 + 3 * i}\n"
+                        "    open = 22/tcp\n    cmd_timeout = 30\n" for i in range(doors - 1))
+        return "[ssh]\n    sequence = 7000,8000,9000\n    seq_timeout = 5\n    open = 22/tcp\n    cmd_timeout = 1\n" + extra
+
+    lab.default_deny("nft")
+    server = Server(lab, tmp_path, config(1), extra=("--knock-matcher", "auto"))
+    try:
+        for doors, where in ((knock_kernel.MAX_DOORS + 1, "knock matching in user space"),
+                             (1, "knock matching in the kernel")):
+            server.config.write_text(config(doors))
+            server.signal(signal.SIGHUP)
+            assert server.wait_log(where, count=2 if doors == 1 else 1), server.text()
+            assert lab.wait_for(False, SERVER_V4, limit=3) is not None  # the last grant (1 s) is over
+            opens = server.text().count("ssh: OPEN SESAME")
+            assert knock_client(lab, SERVER_V4, "7000", "8000", "9000").returncode == 0
+            assert lab.wait_for(True, SERVER_V4, limit=2) is not None, server.text()
+            assert server.wait_log("ssh: OPEN SESAME", count=opens + 1), server.text()
+    finally:
+        server.stop()
