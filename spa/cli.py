@@ -157,7 +157,9 @@ def status(state_dir: str) -> None:
         opens, timeouts = get("spa_knock_events_total", 'kind="open"'), get("spa_knock_events_total", 'kind="timeout"')
         click.echo(f"  packets:    {parsed} parsed, {malformed} malformed, "
                    f"{get('spa_kernel_drops_total')} dropped by the kernel")
-        click.echo(f"  knocks:     {opens} opens, {timeouts} timeouts, {get('spa_attempts')} attempts in progress")
+        where = st.get("knock_matcher")
+        click.echo(f"  knocks:     {opens} opens, {timeouts} timeouts, {get('spa_attempts')} attempts in progress"
+                   + (f"; matched in {'the kernel' if where == 'kernel' else 'user space'}" if where else ""))
         click.echo(f"  firewall:   {get('spa_grants_total')} grants, {get('spa_firewall_operations_total')} operations, "
                    f"{get('spa_firewall_failures_total')} failures, {get('spa_firewall_repairs_total')} repairs")
         spa = {k.split('result="', 1)[1].rstrip('"}'): int(v) for k, v in m.items()
