@@ -76,7 +76,7 @@ class KernelMatcher:
         self._doors: dict[str, tuple[MatchDoor, int]] = {}
         self._next_id = 1
         self.names: dict[int, str] = {}
-        self._local: set[IPv4Address | IPv6Address] = set()
+        self._local: set[bytes] = set()
         self._notes_budget = float(NOTES_PER_SECOND)
         self._budget_at = time.monotonic()
         #: Notes skipped unread since the last ``take_skipped()``.
@@ -124,11 +124,12 @@ class KernelMatcher:
 
     def set_local(self, addresses: Iterable[IPv4Address | IPv6Address]) -> None:
         """This host's addresses: a door without a target sees only knocks to these."""
-        new = set(addresses)
-        for a in self._local - new:
-            self.local.delete(KP.local_key(a))
-        for a in new - self._local:
-            self.local.update(KP.local_key(a), b"\1")
+        # By key: two link-local addresses that differ only in their zone are one key.
+        new = {KP.local_key(a) for a in addresses}
+        for k in self._local - new:
+            self.local.delete(k)
+        for k in new - self._local:
+            self.local.update(k, b"\1")
         self._local = new
 
     # -- events ----------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Under a spoofed flood on the knock ports every packet changes some
 attempt, so none can be dropped before matching; at a few hundred thousand
-packets a second the Python loop (about 2.6 µs a packet) cannot match them
+packets a second the Python loop (3–5 µs a packet) cannot match them
 all and the kernel drops what the capture ring cannot hold, legitimate
 knocks among them. This program does the matching where the packets
 arrive: a socket filter (``BPF_PROG_TYPE_SOCKET_FILTER``) that keeps one
@@ -28,9 +28,10 @@ step (``tests/netns/test_knock_program.py`` runs both on the same packets):
   which no attempt is left, starts one (a one-step door opens at once).
 
 Differences, all of bookkeeping: attempts are evicted least recently used
-rather than oldest first (both bounded); an attempt that simply stops is
-forgotten silently by the LRU instead of logging a timeout; events of one
-packet come door by door rather than attempts first.
+rather than oldest first (both bounded); the timeout of an attempt that
+simply stops comes from a sweep of the map in user space
+(``spa.server.knock_kernel``), not from the program; events of one packet
+come door by door rather than attempts first.
 
 Each door is known by a 32-bit id, part of the attempt's key. A door whose
 definition changes (a reload, a one-time sequence used up) gets a new id,
@@ -58,8 +59,9 @@ from spa import ebpf_asm as A
 from spa.knock import V6_KEY
 from spa.matcher import MatchDoor, MatchEvent
 
-__all__ = ["Maps", "build", "decode_event", "decode_attempt", "decode_counters", "COUNTERS_VALUE_SIZE", "attempt_key", "local_key", "door_steps", "ATTEMPT_KEY_SIZE",
-           "ATTEMPT_VALUE_SIZE", "LOCAL_KEY_SIZE", "EVENT_SIZE", "COUNTERS", "KINDS"]
+__all__ = ["Maps", "build", "decode_event", "decode_attempt", "decode_counters", "local_key",
+           "door_steps", "ATTEMPT_KEY_SIZE", "ATTEMPT_VALUE_SIZE", "LOCAL_KEY_SIZE", "EVENT_SIZE", "COUNTERS",
+           "COUNTERS_VALUE_SIZE", "KINDS"]
 
 TCP, UDP = 6, 17
 _PROTO_NUMBERS = {"tcp": TCP, "udp": UDP}
@@ -126,14 +128,6 @@ def _words(addr: IPv4Address | IPv6Address) -> tuple[int, int, int, int]:
     return struct.unpack(">4I", addr.packed)  # type: ignore[return-value]
 
 
-def attempt_key(skey: int, door_id: int) -> bytes:
-    """The attempt key of a source key (``spa.knock.key_of``) and door id."""
-    if skey >= V6_KEY:
-        v = skey - V6_KEY
-        return _KEY.pack(v >> 96, v >> 64 & 0xFFFFFFFF, v >> 32 & 0xFFFFFFFF, v & 0xFFFFFFFF, door_id, 6)
-    return _KEY.pack(0, 0, 0, skey, door_id, 4)
-
-
 def local_key(addr: IPv4Address | IPv6Address) -> bytes:
     """The key of ``addr`` in the local-address map."""
     return _LOCAL.pack(*_words(addr), addr.version)
@@ -148,8 +142,7 @@ def decode_event(record: bytes, names: Mapping[int, str]) -> tuple[int, MatchEve
     what = KINDS.get(kind)
     if name is None or what is None or family not in (4, 6):
         return None
-    skey = w3 if family == 4 else (w0 << 96 | w1 << 64 | w2 << 32 | w3) | V6_KEY
-    return t, MatchEvent(what, name, skey, stage)  # type: ignore[arg-type]
+    return t, MatchEvent(what, name, _source_key(w0, w1, w2, w3, family), stage)  # type: ignore[arg-type]
 
 
 def decode_counters(value: bytes) -> dict[str, int]:
@@ -161,8 +154,12 @@ def decode_attempt(key: bytes, value: bytes) -> tuple[int, int, int, int]:
     """(source key, door id, start in ns, stage) of one entry of the attempt map."""
     w0, w1, w2, w3, door_id, family = _KEY.unpack(key)
     started, stage = _VALUE.unpack_from(value)
-    skey = w3 if family == 4 else (w0 << 96 | w1 << 64 | w2 << 32 | w3) | V6_KEY
-    return skey, door_id, started, stage
+    return _source_key(w0, w1, w2, w3, family), door_id, started, stage
+
+
+def _source_key(w0: int, w1: int, w2: int, w3: int, family: int) -> int:
+    """``spa.knock.key_of`` of the address in an attempt key's words."""
+    return w3 if family == 4 else (w0 << 96 | w1 << 64 | w2 << 32 | w3) | V6_KEY
 
 
 def door_steps(doors: Iterable[MatchDoor]) -> dict[int, list[tuple[int, int] | None]]:
@@ -243,23 +240,32 @@ class _Gen:
             a.ldx(A.W, A.R1, A.R10, _LOCAL_OK)
             a.jmp_imm(A.JEQ, A.R1, 0, invisible)
         else:
-            a.ldx(A.W, A.R1, A.R10, _DST_FAMILY)
-            a.jmp32_imm(A.JNE, A.R1, d.target.version, invisible)
-            for i, w in enumerate(_words(d.target)):
-                a.ldx(A.W, A.R1, A.R10, _DST + 4 * i)
-                a.jmp32_imm(A.JNE, A.R1, w, invisible)
+            self.destination_is(d.target, invisible)
         if d.tcpflags is not None:
             seen = self.fresh("flags_ok")
-            must_set, must_clear = d.tcpflags.must_set, d.tcpflags.must_clear
             a.ldx(A.W, A.R1, A.R10, _PROTO)
             a.jmp_imm(A.JNE, A.R1, TCP, seen)
-            a.ldx(A.W, A.R1, A.R10, _FLAGS)
-            a.alu64_imm(A.AND, A.R1, must_set)
-            a.jmp_imm(A.JNE, A.R1, must_set, invisible)
-            a.ldx(A.W, A.R1, A.R10, _FLAGS)
-            a.alu64_imm(A.AND, A.R1, must_clear)
-            a.jmp_imm(A.JNE, A.R1, 0, invisible)
+            self.flags_pass(d.tcpflags.must_set, d.tcpflags.must_clear, invisible)
             a.label(seen)
+
+    def destination_is(self, addr: IPv4Address | IPv6Address, other: str) -> None:
+        """Fall through when the packet is to ``addr``, else jump to ``other``."""
+        a = self.a
+        a.ldx(A.W, A.R1, A.R10, _DST_FAMILY)
+        a.jmp32_imm(A.JNE, A.R1, addr.version, other)
+        for i, w in enumerate(_words(addr)):
+            a.ldx(A.W, A.R1, A.R10, _DST + 4 * i)
+            a.jmp32_imm(A.JNE, A.R1, w, other)
+
+    def flags_pass(self, must_set: int, must_clear: int, fails: str) -> None:
+        """Fall through when the TCP flags pass knockd's test, else jump to ``fails``."""
+        a = self.a
+        a.ldx(A.W, A.R1, A.R10, _FLAGS)
+        a.alu64_imm(A.AND, A.R1, must_set)
+        a.jmp_imm(A.JNE, A.R1, must_set, fails)
+        a.ldx(A.W, A.R1, A.R10, _FLAGS)
+        a.alu64_imm(A.AND, A.R1, must_clear)
+        a.jmp_imm(A.JNE, A.R1, 0, fails)
 
     def copy_last(self, base: int, off: int) -> None:
         """The packet's seq, sport and dport to ``base + off`` (+12, +16, +20 of an attempt value)."""
@@ -392,12 +398,8 @@ class _Gen:
             else:
                 for must_set, must_clear in tests:  # type: ignore[misc]
                     fails = self.fresh("flags_fail")
-                    a.ldx(A.W, A.R1, A.R10, _FLAGS)
-                    a.alu64_imm(A.AND, A.R1, must_set)
-                    a.jmp_imm(A.JNE, A.R1, must_set, fails)
-                    a.ldx(A.W, A.R1, A.R10, _FLAGS)
-                    a.alu64_imm(A.AND, A.R1, must_clear)
-                    a.jmp_imm(A.JEQ, A.R1, 0, "matched")
+                    self.flags_pass(must_set, must_clear, fails)
+                    a.ja("matched")
                     a.label(fails)
                 a.ja("out")
             a.label(other)
@@ -446,11 +448,7 @@ class _Gen:
         a.jmp_imm(A.JNE, A.R1, 0, ours)
         for target in sorted({d.target for d in doors if d.target is not None}, key=lambda t: (t.version, int(t))):
             other = self.fresh("not_target")
-            a.ldx(A.W, A.R1, A.R10, _DST_FAMILY)
-            a.jmp32_imm(A.JNE, A.R1, target.version, other)
-            for i, w in enumerate(_words(target)):
-                a.ldx(A.W, A.R1, A.R10, _DST + 4 * i)
-                a.jmp32_imm(A.JNE, A.R1, w, other)
+            self.destination_is(target, other)
             a.ja(ours)
             a.label(other)
         a.ja("out")
