@@ -1,9 +1,10 @@
 """The ``bpf(2)`` system call through ctypes: maps, socket-filter programs, test runs, ring buffers.
 
-The knock matcher is moving into the kernel as an eBPF socket filter
-(``BPF_PROG_TYPE_SOCKET_FILTER`` on the capture's AF_PACKET socket) that
-keeps per-source attempts in a BPF map and reports events through a BPF
-ring buffer. This module is the thin layer under it: create maps and read
+The knock matcher runs in the kernel as an eBPF socket filter
+(``BPF_PROG_TYPE_SOCKET_FILTER``, ``spa.knock_program``, on tap sockets
+beside the capture's: ``spa.server.knock_kernel``) that keeps per-source
+attempts in a BPF map and reports events through BPF ring buffers. This
+module is the thin layer under it: create maps and read
 or change their elements, load a program (``spa.ebpf_asm`` makes the
 bytes), run it on a packet without a socket (``BPF_PROG_TEST_RUN``),
 attach it to a socket, and consume a ring buffer through its shared

@@ -286,11 +286,9 @@ def _counting_program(counts: E.Map, ring: E.RingBuffer) -> bytes:
     a.ret(-1)
     a.label("found")
     a.mov64_imm(A.R1, 1)
-    # lock *(u64 *)(r0 + 0) += r1: the assembler has no atomics; outgoing and incoming copies may race.
-    atomic_add = struct.pack("<BBhi", A.STX | A.DW | A.ATOMIC, A.R0 | A.R1 << 4, 0, A.ADD)
-    tail = A.Asm()
-    tail.ret(-1)
-    return a.assemble() + atomic_add + tail.assemble()
+    a.atomic_add(A.DW, A.R0, 0, A.R1)  # atomic: the outgoing and incoming copies may race
+    a.ret(-1)
+    return a.assemble()
 
 
 def test_live_socket_counts_packets():
