@@ -198,9 +198,9 @@ def kernel_cost(doors_text: str, floods: dict[str, str], frames: int = 4096) -> 
     emptied between batches (not timed). The same run of a program that only
     returns is taken off (``floor_ns``: the test run's own cost, about 100 ns).
     Each run is a system call of its own, on cold caches: a flood's packets
-    come in batches, on warm ones, so this is an upper bound. The receive path around the program
-    (the veth, the packet sockets) is not in it: ``bench/flood.py``'s softirq
-    column has the whole.
+    come in batches, on warm ones, so this is an upper bound. The receive
+    path around the program (the veth, the packet sockets) is not in it:
+    ``bench/flood.py``'s softirq column has the whole.
     """
     import struct
 
