@@ -222,3 +222,32 @@ def test_reloads_move_matching_between_kernel_and_user_space(lab, tmp_path):
             assert server.wait_log("ssh: OPEN SESAME", count=opens + 1), server.text()
     finally:
         server.stop()
+
+
+def test_the_units_capabilities_are_enough_and_needed():
+    """The systemd unit keeps CAP_NET_ADMIN, CAP_NET_RAW and CAP_BPF: with exactly those the matcher loads
+    and attaches; without CAP_BPF the daemon is told why (and matches in user space)."""
+    import subprocess
+    import sys
+
+    probe = ("import socket\n"
+             "from spa.server import ebpf\n"
+             "from spa.server.knock_kernel import KernelMatcher\n"
+             "from spa.matcher import MatchDoor\n"
+             "from spa.grant import PortSpec\n"
+             "why = ebpf.available()\n"
+             "if why: print('refused:', why); raise SystemExit(0)\n"
+             "k = KernelMatcher()\n"
+             "k.set_doors([MatchDoor('a', (PortSpec(7000), PortSpec(8000)), 5.0)])\n"
+             "s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)\n"
+             "ebpf.attach(s, k.program)\n"
+             "print('loaded and attached')\n")
+
+    def run(caps: str) -> str:
+        r = subprocess.run(["setpriv", f"--bounding-set=-all,{caps}", sys.executable, "-c", probe],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    assert run("+net_admin,+net_raw,+bpf").strip() == "loaded and attached"
+    assert "refused: bpf() not permitted" in run("+net_admin,+net_raw")

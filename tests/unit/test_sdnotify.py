@@ -75,6 +75,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
     assert r.returncode == 0, r.stderr
     text = UNIT.read_text()
     for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "After=network-online.target",
-                 "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW", "ProtectSystem=strict", "StateDirectory=spa",
+                 "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_BPF", "SystemCallFilter=bpf",
+                 "ProtectSystem=strict", "StateDirectory=spa",
                  "NoNewPrivileges=yes", "AF_PACKET", "AF_NETLINK"):
         assert line in text
