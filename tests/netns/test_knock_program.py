@@ -17,6 +17,7 @@ Needs root (bpf(2)); carries the ``netns`` marker like every test that does.
 from __future__ import annotations
 
 import ipaddress
+import os
 import struct
 
 import pytest
@@ -181,8 +182,12 @@ def packets(draw):
     return packet, draw(st.sampled_from([0, 1, 5, 50, 400, 1500]))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                   HealthCheck.too_slow])
+# 150 examples in CI (a few seconds); SPA_FUZZ_PROFILE=long runs 3 000 (about a minute), as for tests/fuzz.
+EXAMPLES = 3000 if os.environ.get("SPA_FUZZ_PROFILE") == "long" else 150
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                        HealthCheck.too_slow])
 @given(door_lists(), st.lists(packets(), min_size=1, max_size=80))
 def test_kernel_matcher_gives_the_python_paths_events(kernel, doors, stream):
     kernel.load(doors)
