@@ -545,7 +545,11 @@ class Daemon:
             self.publish()
         self._log_events(self.matcher.expire(time.monotonic()), time.monotonic())
         if self.kernel is not None:
-            expired = self.kernel.expire()
+            try:
+                expired = self.kernel.expire()
+            except ebpf.BpfError as exc:  # never the loop's end: the next tick tries again
+                log.warning("sweep of the kernel matcher's attempts failed: %s", exc)
+                expired = []
             if expired:
                 self._log_events([e for _, e in expired], time.monotonic())
         self._log_events(self.bound.expire(time.monotonic()), time.monotonic())

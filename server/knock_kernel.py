@@ -85,6 +85,7 @@ class KernelMatcher:
         self.attempts_seen = 0
         self._sweep_count = 0
         self._sweep_at: bytes | None = None
+        self._atomic_take = True
 
     def _own(self, thing):
         self._owned.append(thing)
@@ -148,9 +149,9 @@ class KernelMatcher:
                                  self._notes_budget + (now - self._budget_at) * NOTES_PER_SECOND)
         self._budget_at = now
         # Opens first: every note the program wrote before an open read here is then in its ring too.
-        records = self.opens.read(1 << 16)
+        records = self._read_ring(self.opens, 1 << 16)
         if self._notes_budget >= 1:
-            notes = self.notes.read(int(self._notes_budget))
+            notes = self._read_ring(self.notes, int(self._notes_budget))
             self._notes_budget -= len(notes)
             records += notes
         if self._notes_budget < 1:
@@ -165,6 +166,15 @@ class KernelMatcher:
         # Two rings: put a door's last stage before its open, and each packet's events in time order.
         out.sort(key=lambda te: (te[0], te[1].kind == "open"))
         return out
+
+    @staticmethod
+    def _read_ring(ring: ebpf.RingBuffer, most: int) -> list[bytes]:
+        try:
+            return ring.read(most)
+        except ebpf.BpfError as exc:  # a record the walk cannot make sense of: never the loop's end
+            log.error("kernel matcher ring %s: %s; skipping what it holds", ring.map.name, exc)
+            ring.skip()
+            return []
 
     def expire(self, now: float | None = None, budget: int = EXPIRE_BUDGET) -> list[tuple[float, MatchEvent]]:
         """Timeouts of attempts that simply stopped, as ``Matcher.expire`` gives them; call now and then.
@@ -202,7 +212,7 @@ class KernelMatcher:
         limit = timeouts.get(door_id)
         if limit is not None and now_ns - started <= limit:
             return None
-        taken = self.attempts.lookup_and_delete(key)
+        taken = self._take(key, value)
         if taken is None:
             return None
         _, _, started, stage = KP.decode_attempt(key, taken)
@@ -215,6 +225,17 @@ class KernelMatcher:
                 pass  # and again since: the program's attempt is the newer one
             return None
         return (started + limit) / 1e9, MatchEvent("timeout", self.names[door_id], skey, stage)
+
+    def _take(self, key: bytes, seen: bytes) -> bytes | None:
+        """Delete ``key`` and return its value; in one call where the kernel has it (5.14), else two."""
+        if self._atomic_take:
+            try:
+                return self.attempts.lookup_and_delete(key)
+            except ebpf.BpfError as exc:
+                log.info("attempt sweep without lookup-and-delete on this kernel (%s)", exc)
+                self._atomic_take = False
+        # Two steps: a knock landing between them can lose its fresh attempt (a stage the client resends).
+        return seen if self.attempts.delete(key) else None
 
     def take_skipped(self) -> int:
         n, self.skipped_notes = self.skipped_notes, 0

@@ -251,3 +251,32 @@ def test_the_units_capabilities_are_enough_and_needed():
 
     assert run("+net_admin,+net_raw,+bpf").strip() == "loaded and attached"
     assert "refused: bpf() not permitted" in run("+net_admin,+net_raw")
+
+
+def test_the_sweep_works_without_lookup_and_delete(km, monkeypatch):
+    """Kernels before 5.14 have no lookup-and-delete on hash maps: the sweep deletes in two steps."""
+    from spa.server import ebpf
+
+    def refuse(key):
+        raise ebpf.BpfError("lookup and delete: Invalid argument", 22)
+
+    monkeypatch.setattr(km.attempts, "lookup_and_delete", refuse)
+    km.set_doors([MatchDoor("short", (PortSpec(7100), PortSpec(7200)), 0.05)])
+    knock(km, "198.51.100.70", 7100)
+    got = km.expire(now=time.monotonic() + 1.0)
+    assert [e.kind for _, e in got] == ["timeout"] and list(km.attempts.keys()) == []
+
+
+def test_a_ring_that_cannot_be_read_is_skipped_not_raised(km, monkeypatch):
+    from spa.server import ebpf
+
+    def broken(most):
+        raise ebpf.BpfError("ring buffer record at 0 (4096 bytes) runs past the producer position 48")
+
+    km.set_doors([SSH])
+    knock(km, "198.51.100.71", 7000)
+    monkeypatch.setattr(km.notes, "read", broken)
+    assert km.read() == []  # logged, skipped
+    monkeypatch.undo()
+    knock(km, "198.51.100.71", 7000, sport=40001)
+    assert [e.kind for _, e in km.read()] == ["reset", "stage"]
