@@ -79,7 +79,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import capture_cost  # noqa: E402
-from bench.grant_latency import markdown_table, text_table  # noqa: E402
+from bench.grant_latency import cpu_ticks, markdown_table, text_table  # noqa: E402
 from bench.knocklab import (  # noqa: E402
     Daemon, FlooderProcess, KnockLab, Knocker, add_output_args, client_for, door_text, log, machine, need_root,
     parse_sequence, unwind_on_sigterm, utc_now, write_section,
@@ -143,10 +143,8 @@ class Scenario:
 
 
 def softirq_seconds() -> float:
-    """Seconds every CPU has spent in softirq since boot (/proc/stat, all CPUs)."""
-    with open("/proc/stat") as f:
-        fields = f.readline().split()
-    return int(fields[7]) / os.sysconf("SC_CLK_TCK")  # cpu user nice system idle iowait irq softirq
+    """Seconds every CPU has spent in softirq since boot."""
+    return cpu_ticks()[6] / os.sysconf("SC_CLK_TCK")
 
 
 def daemons_for(sc: Scenario, quick: bool) -> list[str]:

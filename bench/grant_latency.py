@@ -473,12 +473,18 @@ class RowResult:
         return len(self.latencies) + self.failures
 
 
+def cpu_ticks() -> list[float]:
+    """The machine's CPU time since boot, in clock ticks, summed over CPUs (``/proc/stat``'s ``cpu`` line):
+    user, nice, system, idle, iowait, irq, softirq, steal, ..."""
+    return [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+
+
 class CpuMeter:
     """Share of all CPUs busy over an interval, and the share this process (and its children) used."""
 
     @staticmethod
     def _stat() -> tuple[float, float]:
-        fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        fields = cpu_ticks()
         idle = fields[3] + fields[4]  # idle + iowait
         return sum(fields[:8]), idle
 

@@ -521,8 +521,8 @@ class RingBuffer:
         self.close()
 
 
-# mov64 r0, 0; exit
-_TRIVIAL_PROGRAM = struct.pack("<BBhi", 0xB7, 0, 0, 0) + struct.pack("<BBhi", 0x95, 0, 0, 0)
+#: ``mov64 r0, 0; exit``: a program that only returns (the probe, and a benchmark's baseline).
+RETURN_ZERO = struct.pack("<BBhi", 0xB7, 0, 0, 0) + struct.pack("<BBhi", 0x95, 0, 0, 0)
 
 
 @functools.cache
@@ -531,7 +531,7 @@ def available() -> str | None:
     try:
         with Map.create(ARRAY, 4, 4, 1, name="spa_probe"):
             pass
-        Program.load(_TRIVIAL_PROGRAM, name="spa_probe").close()
+        Program.load(RETURN_ZERO, name="spa_probe").close()
     except BpfError as e:
         return _unavailable_reason(e)
     return None

@@ -186,16 +186,29 @@ class _Gen:
 
     # -- pieces ------------------------------------------------------------------
 
-    def counters(self) -> None:
-        """Look the counters up once (on to ``out`` if missing) and keep their address on the stack."""
+    def map_call(self, helper: int, map_fd: int, key: int, value: int | None = None, flags: int | None = None) -> None:
+        """``helper(map, r10 + key[, r10 + value[, flags]])``: a map lookup, update or delete; result in r0."""
         a = self.a
-        a.st_imm(A.W, A.R10, _SLOT, 0)
-        a.ld_map_fd(A.R1, self.maps.counters)
+        a.ld_map_fd(A.R1, map_fd)
         a.mov64_reg(A.R2, A.R10)
-        a.alu64_imm(A.ADD, A.R2, _SLOT)
-        a.call(A.FN_map_lookup_elem)
-        a.jmp_imm(A.JEQ, A.R0, 0, "out")
-        a.stx(A.DW, A.R10, _CNT, A.R0)
+        a.alu64_imm(A.ADD, A.R2, key)
+        if value is not None:
+            a.mov64_reg(A.R3, A.R10)
+            a.alu64_imm(A.ADD, A.R3, value)
+        if flags is not None:
+            a.mov64_imm(A.R4, flags)
+        a.call(helper)
+
+    def first_element(self, map_fd: int) -> None:
+        """r0 = the address of an array map's element 0 (on to ``out`` if missing)."""
+        self.a.st_imm(A.W, A.R10, _SLOT, 0)
+        self.map_call(A.FN_map_lookup_elem, map_fd, _SLOT)
+        self.a.jmp_imm(A.JEQ, A.R0, 0, "out")
+
+    def counters(self) -> None:
+        """Look the counters up once and keep their address on the stack."""
+        self.first_element(self.maps.counters)
+        self.a.stx(A.DW, A.R10, _CNT, A.R0)
 
     def count(self, slot: int) -> None:
         a = self.a
@@ -227,11 +240,7 @@ class _Gen:
         a.label(done)
 
     def delete_attempt(self) -> None:
-        a = self.a
-        a.ld_map_fd(A.R1, self.maps.attempts)
-        a.mov64_reg(A.R2, A.R10)
-        a.alu64_imm(A.ADD, A.R2, _KEY_OFF)
-        a.call(A.FN_map_delete_elem)
+        self.map_call(A.FN_map_delete_elem, self.maps.attempts, _KEY_OFF)
 
     def visible(self, d: MatchDoor, invisible: str) -> None:
         """Fall through when door ``d`` can see the packet, else jump to ``invisible``."""
@@ -418,12 +427,7 @@ class _Gen:
         if self.maps.clock is None:
             a.call(A.FN_ktime_get_ns)
         else:
-            a.st_imm(A.W, A.R10, _SLOT, 0)
-            a.ld_map_fd(A.R1, self.maps.clock)
-            a.mov64_reg(A.R2, A.R10)
-            a.alu64_imm(A.ADD, A.R2, _SLOT)
-            a.call(A.FN_map_lookup_elem)
-            a.jmp_imm(A.JEQ, A.R0, 0, "out")
+            self.first_element(self.maps.clock)
             a.ldx(A.DW, A.R0, A.R0, 0)
         a.mov64_reg(A.R9, A.R0)
 
@@ -433,15 +437,12 @@ class _Gen:
         if self.maps.local is None:
             a.st_imm(A.W, A.R10, _LOCAL_OK, 1)
             return
-        a.ld_map_fd(A.R1, self.maps.local)
-        a.mov64_reg(A.R2, A.R10)
-        a.alu64_imm(A.ADD, A.R2, _DST)
-        a.call(A.FN_map_lookup_elem)
+        self.map_call(A.FN_map_lookup_elem, self.maps.local, _DST)
         a.mov64_imm(A.R1, 0)
-        found = self.fresh("not_local")
-        a.jmp_imm(A.JEQ, A.R0, 0, found)
+        not_local = self.fresh("not_local")
+        a.jmp_imm(A.JEQ, A.R0, 0, not_local)
         a.mov64_imm(A.R1, 1)
-        a.label(found)
+        a.label(not_local)
         a.stx(A.W, A.R10, _LOCAL_OK, A.R1)
         # The knock filter's `dst host` test: our addresses and the doors' targets.
         ours = self.fresh("ours")
@@ -468,10 +469,7 @@ class _Gen:
             self.emit("open", stage=1)
             a.label(done)
             return
-        a.ld_map_fd(A.R1, self.maps.attempts)
-        a.mov64_reg(A.R2, A.R10)
-        a.alu64_imm(A.ADD, A.R2, _KEY_OFF)
-        a.call(A.FN_map_lookup_elem)
+        self.map_call(A.FN_map_lookup_elem, self.maps.attempts, _KEY_OFF)
         a.jmp_imm(A.JEQ, A.R0, 0, first)
         a.mov64_reg(A.R7, A.R0)
         a.ldx(A.W, A.R1, A.R7, 8)
@@ -541,13 +539,7 @@ class _Gen:
         a.stx(A.DW, A.R10, _VAL, A.R9)
         a.st_imm(A.W, A.R10, _VAL + 8, 1)
         self.copy_last(A.R10, _VAL)
-        a.ld_map_fd(A.R1, self.maps.attempts)
-        a.mov64_reg(A.R2, A.R10)
-        a.alu64_imm(A.ADD, A.R2, _KEY_OFF)
-        a.mov64_reg(A.R3, A.R10)
-        a.alu64_imm(A.ADD, A.R3, _VAL)
-        a.mov64_imm(A.R4, 0)  # BPF_ANY
-        a.call(A.FN_map_update_elem)
+        self.map_call(A.FN_map_update_elem, self.maps.attempts, _KEY_OFF, _VAL, flags=0)  # BPF_ANY
         self.emit("stage", stage=1)
         a.label(done)
 
