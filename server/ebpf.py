@@ -58,6 +58,8 @@ _MAP_LOOKUP_AND_DELETE_ELEM = 21
 
 # enum bpf_map_type
 HASH, ARRAY, LRU_HASH, RINGBUF = 1, 2, 9, 27
+#: One value per CPU: a program's scratch space (created here, never read or written from user space).
+PERCPU_ARRAY = 6
 # enum bpf_prog_type
 SOCKET_FILTER = 1
 # Update flags.

@@ -45,6 +45,7 @@ FN_map_lookup_elem = 1
 FN_map_update_elem = 2
 FN_map_delete_elem = 3
 FN_ktime_get_ns = 5
+FN_skb_load_bytes = 26
 FN_ringbuf_output = 130
 
 _INSN = struct.Struct("<BBhi")
@@ -108,6 +109,13 @@ class Asm:
 
     def alu64_reg(self, op: int, dst: int, src: int) -> None:
         self._emit(ALU64 | op | X, dst, src)
+
+    def alu32_imm(self, op: int, dst: int, imm: int) -> None:
+        """A 32-bit operation: the low halves, the result zero-extended (``imm`` is not sign-extended past 32 bits)."""
+        self._emit(ALU | op | K, dst, imm=imm)
+
+    def alu32_reg(self, op: int, dst: int, src: int) -> None:
+        self._emit(ALU | op | X, dst, src)
 
     def mov64_imm(self, dst: int, imm: int) -> None:
         self.alu64_imm(MOV, dst, imm)

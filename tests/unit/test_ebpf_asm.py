@@ -94,3 +94,12 @@ def test_jmp32_and_atomic_add():
     a.jmp32_imm(A.JNE, A.R1, 0xC0000201, "x")  # BPF_JMP32 | BPF_JNE | BPF_K = 0x56
     a.atomic_add(A.DW, A.R0, 0, A.R1)  # BPF_STX | BPF_ATOMIC | BPF_DW = 0xdb, imm BPF_ADD
     assert _hex(a) == ["5601ffff010200c0", "db10000000000000"]
+
+
+def test_alu32_encodings():
+    a = A.Asm()
+    a.alu32_imm(A.LSH, A.R4, 16)  # BPF_ALU | BPF_LSH | BPF_K = 0x64
+    a.alu32_reg(A.ADD, A.R1, A.R2)  # BPF_ALU | BPF_ADD | BPF_X = 0x0c
+    a.alu32_reg(A.MOV, A.R5, A.R4)  # 0xbc: the low half, zero-extended
+    a.alu32_imm(A.ADD, A.R0, 0x6B206574)  # 0x04
+    assert _hex(a) == ["6404000010000000", "0c21000000000000", "bc45000000000000", "040000007465206b"]
