@@ -257,6 +257,7 @@ def summary_rows(text: str) -> list[list[str]]:
     spa_max = [f"{r['got through']} at {r['rate sent, pps'][5:]} pps ({r['flood'].split(':')[0]})"
                for t in tables(sf) for r in t
                if r.get("rate sent, pps", "").startswith("max") and "spa-server" in r.get("daemon", "")
+               and "classic" not in r.get("daemon", "")  # the before/after row of the eBPF screen
                and re.match(r"\d+/\d+", r.get("got through", ""))]
     if spa_max:
         whole = all(x.split(" ")[0].split("/")[0] == x.split(" ")[0].split("/")[1] for x in spa_max)

@@ -242,6 +242,67 @@ def kernel_cost(doors_text: str, floods: dict[str, str], frames: int = 4096) -> 
     return out
 
 
+def screen_cost(n: int = 2048) -> dict[str, float]:
+    """What one forgery under a known key hint costs (root): the daemon's Python checks against the SPA
+    port's eBPF screen, on the same datagrams, in this process.
+
+    *python*: ``Verifier.screen`` then ``check_screened`` up to the AEAD's refusal (what the capture loop
+    runs per datagram with the classic filter), best of ``REPS``. *kernel*: the screen's program on each
+    datagram (``BPF_PROG_TEST_RUN``, one system call each, cold caches: an upper bound), less the floor
+    of a program that only returns. *valid*: the screen on a valid packet (it computes the same tag).
+    """
+    import os
+
+    from spa import protocol
+    from spa.authorize import SpaDoor, Verifier
+    from spa.errors import PacketRejected
+    from spa.grant import parse_address
+    from spa.keytext import AuthorizedKey
+    from spa.server import ebpf
+    from spa.server.spa_kernel import SpaScreen
+    from tests.rawip import UDP, ipv4, udp
+
+    server, client = os.urandom(32), os.urandom(32)
+    verifier = Verifier(server, [SpaDoor("ssh", (AuthorizedKey(protocol.public_of(client), "bench", 1),), 30)], 60)
+    now = time.time()
+    good = protocol.build(client, verifier.server_public, "ssh", parse_address("192.0.2.2"), time_ms=int(now * 1000))
+    rng = random.Random(1)
+    forged = [good[:9] + rng.randbytes(len(good) - 9) for _ in range(n)]
+    source = parse_address("198.51.100.1")
+    seen = set().__contains__
+
+    def python_pass() -> float:
+        t0 = time.perf_counter()
+        for data in forged:
+            if verifier.screen(data, now, seen) is None:
+                try:
+                    verifier.check_screened(data, source, now)
+                except PacketRejected:
+                    pass
+        return (time.perf_counter() - t0) / n
+
+    python_us = min(python_pass() for _ in range(REPS)) * 1e6
+    frame = bytes(12) + b"\x08\x00"
+    screen = SpaScreen(62201)
+    floor_prog = ebpf.Program.load(ebpf.RETURN_ZERO, name="spa_floor")
+    try:
+        screen.set_hints(verifier.hint_keys(now))
+        total = floor = 0
+        for data in forged:
+            f = frame + ipv4(UDP, udp(40000, 62201, data))
+            total += screen.program.test_run(f)[1]
+            floor += floor_prog.test_run(f)[1]
+        valid_frame = frame + ipv4(UDP, udp(40000, 62201, good))
+        ret, valid = screen.program.test_run(valid_frame, repeat=n)
+        assert ret != 0 and screen.counts()["forged"] == n
+        valid_floor = floor_prog.test_run(valid_frame, repeat=n)[1]
+    finally:
+        floor_prog.close()
+        screen.close()
+    return {"python_us": python_us, "kernel_ns": max(0.0, total - floor) / n, "floor_ns": floor / n,
+            "valid_ns": max(0.0, valid - valid_floor)}
+
+
 def nft_open_with_busy_thread(n: int = 100) -> dict[str, float]:
     """Median ms of ``NftBackend.open()`` for new elements: alone, and with a CPU-bound Python thread running."""
     import statistics
@@ -307,6 +368,10 @@ def main() -> int:
         for kind, v in kernel_cost(config_for("spa"), {"six sequence ports": SEQ_PORTS, "first port": FIRST_PORT}).items():
             print(f"{kind}: the kernel matcher's program alone: {v['ns']:.0f} ns per packet"
                   f" ({v['events_per_packet']:.2f} events per packet; test-run floor {v['floor_ns']:.0f} ns taken off)")
+        c = screen_cost()
+        print(f"forgery under a known key hint: {c['python_us']:.1f} µs in the daemon's Python checks (classic"
+              f" filter), {c['kernel_ns']:.0f} ns in the eBPF screen ({c['python_us'] * 1e3 / c['kernel_ns']:.1f}×);"
+              f" a valid packet {c['valid_ns']:.0f} ns (test-run floor {c['floor_ns']:.0f} ns taken off)")
         g = nft_open_with_busy_thread()
         print(f"nft open(): median {g['alone']:.2f} ms alone, {g['busy_thread']:.2f} ms next to a busy Python thread")
     return 0

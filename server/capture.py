@@ -55,6 +55,11 @@ _TPACKET_STATS = struct.Struct("=II")  # tp_packets (includes drops), tp_drops
 _SOCKADDR_LL = struct.Struct("=HHiHBB8s")  # family, protocol (network order), ifindex, hatype, pkttype, halen, addr
 IFNAMSIZ = 16
 
+_TAP, _SCREEN = "tap", "screen"
+_WHAT = {_TAP: "kernel knock matcher", _SCREEN: "SPA port's kernel screen"}
+#: A screened datagram is an SPA packet (271 bytes and its headers); room for any IP packet anyway.
+_SCREEN_MAX = 65535
+
 #: ``ret #262144``: accept every packet whole (what libpcap emits for an empty expression).
 ACCEPT_ALL: list[Insn] = [(0x06, 0, 0, 0x40000)]
 
@@ -103,8 +108,9 @@ class _Iface:
     #: ifindex the sockets are bound to (0 for "any"), None when closed.
     index: int | None = None
     socks: list[socket.socket] = field(default_factory=list)
-    #: Sockets that carry the tap program (the kernel knock matcher), one per protocol; never read.
-    taps: list[socket.socket] = field(default_factory=list)
+    #: Sockets that carry an eBPF program, one per protocol, by kind: the tap (the kernel knock matcher:
+    #: never read) and the screen (the SPA port's: read).
+    attached: dict[str, list[socket.socket]] = field(default_factory=lambda: {_TAP: [], _SCREEN: []})
     #: "new", "open", "down", "missing", "error"
     state: str = "new"
     ever_open: bool = False
@@ -139,7 +145,7 @@ class Capture:
         self._ring_bytes = ring_bytes
         self._drop_otherhost = drop_otherhost
         self._probe: socket.socket | None = None
-        self._tap: ebpf.Program | None = None
+        self._programs: dict[str, ebpf.Program | None] = {_TAP: None, _SCREEN: None}
         # A program the kernel rejects is a configuration error: raise FilterError now, not on every reopen.
         self._insns: list[Insn] = self._checked(filter)
         self._ifaces = {name: _Iface(name) for name in names}
@@ -187,22 +193,35 @@ class Capture:
         read, so the program should return 0. ``None`` closes them. Raises
         ``ebpf.BpfError`` (and changes nothing) when the kernel refuses it.
         """
+        self._set_program(_TAP, program)
+
+    def set_screen(self, program: ebpf.Program | None) -> None:
+        """As ``set_tap``, on sockets that are read: what ``program`` passes is ``read_screen``'s.
+
+        The SPA port's kernel screen (``spa.server.spa_kernel``): the capture
+        filter then leaves the SPA port out. ``screens()`` lists the sockets;
+        ``version`` moves when they change.
+        """
+        self._set_program(_SCREEN, program)
+        self.version += 1
+
+    def _set_program(self, kind: str, program: ebpf.Program | None) -> None:
         if program is not None:
             ebpf.attach(self._probe_socket(), program)
-        self._tap = program
+        self._programs[kind] = program
         for iface in list(self._ifaces.values()):
             if program is None or not iface.socks:
-                self._close_taps(iface)
+                self._close_attached(iface, kind)
                 continue
             try:
-                if iface.taps:
-                    for t in iface.taps:
+                if iface.attached[kind]:
+                    for t in iface.attached[kind]:
                         ebpf.attach(t, program)
                 else:
                     assert iface.index is not None
-                    iface.taps = self._open_taps(iface.index)
+                    iface.attached[kind] = self._open_attached(iface.index, kind)
             except (OSError, ebpf.BpfError) as e:
-                log.error("interface %s: cannot attach the kernel knock matcher: %s; reopening", iface.name, e)
+                log.error("interface %s: cannot attach the %s: %s; reopening", iface.name, _WHAT[kind], e)
                 self._close_iface(iface, "error")
 
     def _probe_socket(self) -> socket.socket:
@@ -210,27 +229,45 @@ class Capture:
             self._probe = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0)
         return self._probe
 
-    def _open_taps(self, ifindex: int) -> list[socket.socket]:
-        assert self._tap is not None
-        taps: list[socket.socket] = []
+    def _open_attached(self, ifindex: int, kind: str) -> list[socket.socket]:
+        program = self._programs[kind]
+        assert program is not None
+        out: list[socket.socket] = []
         try:
             for proto in self._protos:
                 t = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, 0)
-                taps.append(t)
-                t.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 0)  # the kernel's minimum: it never queues
-                ebpf.attach(t, self._tap)
+                out.append(t)
+                if kind == _TAP:
+                    t.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 0)  # the kernel's minimum: it never queues
+                ebpf.attach(t, program)
                 _bind(t, ifindex, proto)
         except BaseException:
-            for t in taps:
+            for t in out:
                 t.close()
             raise
-        return taps
+        return out
 
-    @staticmethod
-    def _close_taps(iface: _Iface) -> None:
-        for t in iface.taps:
+    def _close_attached(self, iface: _Iface, kind: str) -> None:
+        for t in iface.attached[kind]:
             t.close()
-        iface.taps = []
+        if kind == _SCREEN and iface.attached[kind]:
+            self.version += 1
+        iface.attached[kind] = []
+
+    def screens(self) -> list[socket.socket]:
+        """The screen's sockets (``set_screen``), for a selector."""
+        return [t for iface in self._ifaces.values() for t in iface.attached[_SCREEN]]
+
+    def read_screen(self, sock: socket.socket, max_packets: int = 64) -> list[bytes]:
+        """Up to ``max_packets`` datagrams the screen passed on ``sock`` (never raises: a socket error is
+        the interface's, and the capture's own sockets report it)."""
+        out: list[bytes] = []
+        try:
+            while len(out) < max_packets:
+                out.append(sock.recv(_SCREEN_MAX))
+        except OSError:  # BlockingIOError: all read; anything else: the interface went, refresh() reopens
+            pass
+        return out
 
     # -- sockets ---------------------------------------------------------------
 
@@ -258,22 +295,26 @@ class Capture:
 
     def _open_iface(self, iface: _Iface, ifindex: int) -> bool:
         opened: list[tuple[socket.socket, Ring]] = []
-        taps: list[socket.socket] = []
+        attached: dict[str, list[socket.socket]] = {_TAP: [], _SCREEN: []}
         try:
             for proto in self._protos:
                 opened.append(self._open_socket(ifindex, proto))
-            if self._tap is not None:
-                taps = self._open_taps(ifindex)
+            for kind, program in self._programs.items():
+                if program is not None:
+                    attached[kind] = self._open_attached(ifindex, kind)
         except (OSError, FilterError, ebpf.BpfError) as e:
             for s, ring in opened:
                 ring.close()
                 s.close()
+            for socks in attached.values():
+                for t in socks:
+                    t.close()
             message = str(e)
             if iface.state != "error" or iface.last_error != message:
                 log.warning("interface %s: cannot capture: %s; will retry", iface.name, message)
             iface.state, iface.last_error = "error", message
             return False
-        iface.socks, iface.taps, iface.index = [s for s, _ in opened], taps, ifindex
+        iface.socks, iface.attached, iface.index = [s for s, _ in opened], attached, ifindex
         for s, ring in opened:
             self._by_sock[s] = (iface, ring)
         if iface.ever_open:
@@ -292,7 +333,8 @@ class Capture:
             if entry is not None:
                 entry[1].close()
             s.close()
-        self._close_taps(iface)
+        for kind in iface.attached:
+            self._close_attached(iface, kind)
         if iface.socks:
             self.version += 1
         iface.socks, iface.index, iface.state = [], None, state

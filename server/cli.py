@@ -69,9 +69,12 @@ def _daemonize() -> None:
 @click.option("--knock-matcher", type=click.Choice(["auto", "kernel", "user"]), default="auto", show_default=True,
               help="Match knock sequences in the kernel (an eBPF program: floods cost user space nothing) or in"
                    " user space; auto: the kernel when it can.")
+@click.option("--spa-screen", type=click.Choice(["auto", "ebpf", "classic"]), default="auto", show_default=True,
+              help="Check each SPA datagram's AEAD tag in the kernel (an eBPF program: forgeries never reach user"
+                   " space) or only its key hint and nonce (classic BPF); auto: eBPF when it can.")
 @handle_errors
 def main(interfaces, config_path, daemon, debug, verbose, lookup, pidfile, logfile, only_ipv4, backend, state_dir,
-         repair_interval, metrics_file, knock_matcher) -> None:
+         repair_interval, metrics_file, knock_matcher, spa_screen) -> None:
     """Keep every port closed; open one for one address, for a while, when a client knocks right."""
     from spa.server import logs
     from spa.server.daemon import Daemon, Runtime, Settings
@@ -85,7 +88,7 @@ def main(interfaces, config_path, daemon, debug, verbose, lookup, pidfile, logfi
     settings = Settings(
         config=os.path.abspath(config_path), interfaces=_interfaces(interfaces), only_ipv4=only_ipv4,
         lookup=lookup, backend=backend, state_dir=state_dir, repair_interval=repair_interval,
-        knock_matcher=knock_matcher,
+        knock_matcher=knock_matcher, spa_screen=spa_screen,
     )
     runtime = Runtime.load(config_path)  # every error, with file and line, before anything is touched
     opts = runtime.config.options

@@ -30,7 +30,7 @@ from spa.knock import Knock, address
 from spa.matcher import TCP, UDP, MatchDoor, MatchEvent, Matcher
 from spa.metrics import Metric, render
 from spa.packet import fields, udp_payload
-from spa.protocol import PACKET_SIZE, VERSION
+from spa.protocol import NONCE_SIZE, PACKET_SIZE, VERSION
 from spa.replay import ReplayCache
 from spa.rotating_match import RotatingDoor, SourceBound
 from spa.filter import SpaPort, capture_expression, knocks_on
@@ -45,6 +45,7 @@ from spa.server.onetime import OneTimeSequences
 from spa.server.sdnotify import Notifier
 from spa.server.rotating_keys import load_rotating
 from spa.server.spa_filter import SpaPortFilter
+from spa.server.spa_kernel import NONCES, SpaScreen
 from spa.server.spa_receiver import SpaReceiver, load_authorized, load_verifier
 
 log = logging.getLogger("spa.server")
@@ -99,6 +100,10 @@ class Settings:
     #: Where knock sequences are matched: "kernel" (an eBPF program; an error is logged if it cannot be),
     #: "user" (the Python matcher behind the capture filter), or "auto" (the kernel when it can).
     knock_matcher: str = "auto"
+    #: What checks datagrams to the SPA port in the kernel: "ebpf" (their AEAD tag: forgeries never reach
+    #: user space; an error is logged if it cannot run), "classic" (a classic BPF filter on the key hint and
+    #: nonce), or "auto" (eBPF when it can).
+    spa_screen: str = "auto"
     #: Where the Prometheus textfile and status.json go (None: not written).
     metrics_file: str | None = None
     status_file: str | None = None
@@ -194,7 +199,7 @@ class Daemon:
         self.capture: Capture | None = None
         self.monitor: netlink.Monitor | None = None
         self.selector = selectors.DefaultSelector()
-        self._registered: set[socket.socket] = set()
+        self._registered: dict[socket.socket, str] = {}
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spa-onetime")
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -233,6 +238,14 @@ class Daemon:
         # Event totals of kernel matchers closed since start (their counters go with them).
         self._kernel_retired: collections.Counter[str] = collections.Counter()
         self._kernel_lost_logged = 0
+        #: The SPA port's eBPF screen while it is in use (see ``_sync_screen``), and why not otherwise.
+        self.screen: SpaScreen | None = None
+        self._screen_why: str | None = "not started"
+        self._screen_capture: Capture | None = None  # the capture that carries its sockets
+        self._screen_epochs: tuple[int, int] | None = None  # the hint index its map was filled from
+        self._screen_stop_due = False
+        self._screen_retired: collections.Counter[str] = collections.Counter()
+        self._screen_reported = 0
 
     @property
     def spa_port(self) -> int | None:
@@ -307,10 +320,11 @@ class Daemon:
         ranges = self.bound.ranges()
         spa = None
         knocked = self.spa_port is not None and knocks_on("udp", self.spa_port, steps, ranges)
+        screened = self._sync_screen(knocked)
         if self.spa_port is not None:
             if knocked:
                 steps.add(("udp", self.spa_port, None))  # a door knocks there too: it sees every datagram
-            else:
+            elif not screened:  # screened: the SPA port comes on the screen's own sockets, not the capture's
                 spa = SpaPort(self.spa_port, PACKET_SIZE, VERSION)
         if self._sync_kernel(knocked):
             steps = set()  # the kernel matcher sees them on its own sockets: none for the capture
@@ -334,6 +348,70 @@ class Daemon:
         self._install(program)
         if self._kernel_stop_due and self._installed == program:
             self._stop_kernel()
+        if self._screen_stop_due and self._installed == program:
+            self._stop_screen()
+
+    def _sync_screen(self, spa_port_knocked: bool) -> bool:
+        """Start, update or stop the SPA port's eBPF screen; True while it screens the SPA port."""
+        mode = self.settings.spa_screen
+        port = self.spa_port
+        if self.spa is None or port is None:
+            why: str | None = "no SPA door"
+        elif spa_port_knocked:
+            why = "a door knocks on the SPA port, so every datagram to it goes to user space"
+        elif mode == "classic":
+            why = "--spa-screen classic"
+        else:
+            why = None
+        old = None
+        if why is None and (self.screen is None or self.screen.port != port):
+            try:
+                new = SpaScreen(port)  # type: ignore[arg-type]
+                new.refuse(self.replay.latest(NONCES, NONCE_SIZE))
+            except ebpf.BpfError as exc:
+                why = f"eBPF unavailable: {exc}"
+            else:
+                old, self.screen, self._screen_capture = self.screen, new, None
+        if why is None:
+            assert self.screen is not None and self.spa is not None and self.capture is not None
+            try:
+                now = time.time()
+                self.screen.set_hints(self.spa.verifier.hint_keys(now))
+                self._screen_epochs = self.spa.verifier.index(now)
+                if self._screen_capture is not self.capture:
+                    self.capture.set_screen(self.screen.program)
+                    self._screen_capture = self.capture
+                    self._sync_sockets()
+            except ebpf.BpfError as exc:
+                why = f"the kernel refused the SPA screen: {exc}"
+        if old is not None:  # replaced (a new port) on the sockets: its counts carry over
+            self._screen_retired.update(old.counts())
+            old.close()
+        self._screen_stop_due = why is not None and self.screen is not None
+        if why != self._screen_why:
+            if why is None:
+                events.info("SPA port %d, kernel filter: eBPF screen (a datagram reaches user space only with a "
+                            "valid AEAD tag under a key hint of %d key(s))", port, len(self.spa.verifier))  # type: ignore[union-attr]
+            elif why == "no SPA door":
+                pass
+            elif mode == "ebpf":
+                log.error("the SPA port cannot be screened with eBPF (%s); using the classic filter", why)
+            else:
+                log.info("SPA port: classic kernel filter: %s", why)
+        self._screen_why = why
+        return why is None
+
+    def _stop_screen(self) -> None:
+        """The screen's sockets and maps go (the capture filter has the SPA port back)."""
+        self._screen_stop_due = False
+        if self.screen is None:
+            return
+        if self.capture is not None:
+            self.capture.set_screen(None)
+            self._sync_sockets()
+        self._screen_retired.update(self.screen.counts())
+        self.screen.close()
+        self.screen, self._screen_capture, self._screen_epochs = None, None, None
 
     def _sync_kernel(self, spa_port_knocked: bool) -> bool:
         """Start, update or stop the kernel knock matcher for the doors now; True while it matches them."""
@@ -453,14 +531,15 @@ class Daemon:
 
     def _sync_sockets(self) -> None:
         assert self.capture is not None
-        now = set(self.capture.sockets())
-        for s in self._registered - now:
+        now = {s: "packet" for s in self.capture.sockets()}
+        now.update((s, "spa") for s in self.capture.screens())
+        for s in self._registered.keys() - now.keys():
             try:
                 self.selector.unregister(s)
             except (KeyError, ValueError):
                 pass
-        for s in now - self._registered:
-            self.selector.register(s, selectors.EVENT_READ, "packet")
+        for s in now.keys() - self._registered.keys():
+            self.selector.register(s, selectors.EVENT_READ, now[s])
         self._registered = now
 
     # -- signals -------------------------------------------------------------------
@@ -492,6 +571,8 @@ class Daemon:
                 kind = key.data
                 if kind == "packet":
                     self._read(key.fileobj)  # type: ignore[arg-type]
+                elif kind == "spa":
+                    self._read_screen(key.fileobj)  # type: ignore[arg-type]
                 elif kind == "kernel":
                     if self.kernel is not None:
                         self._kernel_events()
@@ -557,7 +638,9 @@ class Daemon:
             self.replay.prune(time.time())
             counts, self.spa.aead_by_hint = self.spa.aead_by_hint, collections.Counter()
             drops = self.capture.kernel_stats()["drops"] if self.capture is not None else 0
-            if self.spa_filter.watch_floods(counts, drops, time.time(), self.spa.verifier) or (
+            if self.screen is not None and self.spa.verifier.index(time.time()) != self._screen_epochs:
+                self.rebuild_filter()  # the hint index moved an epoch: the screen's hint map follows
+            elif self.spa_filter.watch_floods(counts, drops, time.time(), self.spa.verifier) or (
                     self._compiled_spa and self.spa_filter.hints_moved(self.spa.verifier, time.time())):
                 # A hint flooded or back, or the hints moved on an epoch: a new postlude, no recompiling.
                 self.rebuild_filter()
@@ -566,6 +649,9 @@ class Daemon:
             if time.monotonic() >= self._next_junk_summary:
                 self._next_junk_summary = time.monotonic() + JUNK_SUMMARY_INTERVAL
                 line = self.spa.summary()
+                if line:
+                    log.warning("%s", line)
+                line = self._screen_summary()
                 if line:
                     log.warning("%s", line)
         assert self.capture is not None
@@ -613,6 +699,39 @@ class Daemon:
         if malformed:
             self.stats["malformed"] += malformed
 
+    def _read_screen(self, sock: socket.socket) -> None:
+        """Datagrams the SPA screen passed (each with a valid AEAD tag): the verifier checks them in full."""
+        assert self.capture is not None
+        for data in self.capture.read_screen(sock):
+            f = fields(data)
+            if f is None:  # cannot be: the screen parsed it; counted rather than trusted
+                self.stats["malformed"] += 1
+                continue
+            self.stats["knocks"] += 1  # parsed packets that passed a kernel filter, as ``_read`` counts them
+            self._spa_packet(data, address(f[1]))
+
+    def _screen_counts(self) -> collections.Counter[str]:
+        counts = collections.Counter(self._screen_retired)
+        if self.screen is not None:
+            try:
+                counts.update(self.screen.counts())
+            except ebpf.BpfError as exc:
+                log.warning("cannot read the SPA screen's counters: %s", exc)
+        return counts
+
+    def _screen_summary(self) -> str | None:
+        """One line for what the SPA screen dropped since the last one (never per packet)."""
+        if self.screen is None and not self._screen_retired:
+            return None
+        c = self._screen_counts()
+        dropped = sum(c[k] for k in ("size", "version", "unknown", "replay", "forged"))
+        fresh, self._screen_reported = dropped - self._screen_reported, dropped
+        if fresh <= 0:
+            return None
+        return (f"{fresh} SPA-port datagrams dropped in the kernel (totals: {c['forged']} forged under a known key "
+                f"hint, {c['unknown']} unknown key hint, {c['replay']} replayed, {c['size']} wrong size, "
+                f"{c['version']} wrong version)")
+
     def _spa_packet(self, data: bytes, source: Address) -> None:
         assert self.spa is not None
         payload = udp_payload(data)
@@ -629,7 +748,12 @@ class Daemon:
             self.manager.submit(grant, (acc.nonce, acc.remember_until))
         else:  # a door that only logs: the nonce is still kept, off the loop
             self._io.submit(self.manager.journal.remember, [(acc.nonce, acc.remember_until)])
-        if self._nonces_due is None:
+        if self.screen is not None:
+            try:
+                self.screen.refuse((acc.nonce,))  # its copies stop in the kernel from now on
+            except ebpf.BpfError as exc:  # the replay cache still refuses them
+                log.warning("cannot add a nonce to the SPA screen: %s", exc)
+        elif self._nonces_due is None and self.spa_filter.active:
             # Copies of this packet will stop in the kernel: soon, not now, when the grant has
             # had the GIL to itself (building and attaching a filter is milliseconds of Python).
             self._nonces_due = time.monotonic() + NONCE_FILTER_DELAY
@@ -880,6 +1004,9 @@ class Daemon:
             Metric("spa_replay_cache_entries", "gauge", "Nonces remembered against replay.", {(): len(self.replay)}),
             Metric("spa_key_hints_quarantined", "gauge", "Key hints dropped in the kernel under a flood of forgeries.",
                    {(): len(self.spa_filter.quarantine)}),
+            Metric("spa_screen_datagrams_total", "counter",
+                   "Datagrams to the SPA port the eBPF screen looked at, by result (passed: to the verifier).",
+                   {(("result", k),): v for k, v in self._screen_counts().items() if k != "datagrams"}),
         ]
 
     def publish(self) -> None:
@@ -899,6 +1026,7 @@ class Daemon:
             "backend": self.manager.native.name if self.manager.native is not None else None,
             "filter": self.filter_expression,
             "knock_matcher": "kernel" if self.kernel is not None else "user",
+            "spa_screen": None if self.spa is None else ("ebpf" if self.screen is not None else "classic"),
         }
         self._io.submit(self._publish_off_loop, loop_metrics, status)
 
@@ -925,6 +1053,8 @@ class Daemon:
             self.capture.close()
         if self.kernel is not None:
             self.kernel.close()
+        if self.screen is not None:
+            self.screen.close()
         if self.monitor is not None:
             self.monitor.close()
         self._io.shutdown(wait=True)

@@ -145,6 +145,11 @@ class Verifier:
         hi = protocol.epoch_of(max(0, math.floor((now + span) * 1000)))
         return [h for h, (_c, e) in self._hints.items() if lo <= e <= hi]
 
+    def hint_keys(self, now: float) -> dict[bytes, bytes]:
+        """Each hint the index holds at ``now``, with its client's AEAD key (for the kernel's SPA screen)."""
+        self._refresh(now)
+        return {h: c.pair.aead_key for h, (c, _e) in self._hints.items()}
+
     def key_of_hint(self, hint: bytes) -> str | None:
         """The key id of the client whose hint this is (in the index as it stands), or None."""
         found = self._hints.get(hint)

@@ -168,6 +168,13 @@ def status(state_dir: str) -> None:
             rejected = ", ".join(f"{n} {r}" for r, n in sorted(spa.items()) if r != "accepted" and n)
             click.echo(f"  SPA:        {spa.get('accepted', 0)} accepted, rejected: {rejected or 'none'}; "
                        f"{get('spa_replay_cache_entries')} nonces remembered")
+        screened = {k.split('result="', 1)[1].rstrip('"}'): int(v) for k, v in m.items()
+                    if k.startswith("spa_screen_datagrams_total{")}
+        if st.get("spa_screen") == "ebpf" or any(screened.values()):
+            dropped = ", ".join(f"{screened[r]} {r}" for r in ("forged", "unknown", "replay", "size", "version")
+                                if screened.get(r))
+            click.echo(f"  SPA screen: {'eBPF, in the kernel' if st.get('spa_screen') == 'ebpf' else 'classic'};"
+                       f" dropped there: {dropped or 'none'}; {screened.get('passed', 0)} passed to the checks")
     grants_now = [g for g in Journal(state_dir).all() if not g.closing]
     click.echo(f"  grants:     {len(grants_now)} open")
     for e in grants_now:

@@ -80,7 +80,7 @@ def daemon():
                 for n in ("rotating", "bound"))
     key = AuthorizedKey(CLIENT_PUBLIC, "fuzz", 1)
     verifier = Verifier(SERVER_SEED, [SpaDoor("spa", (key,), doors["spa"].cmd_timeout)], config.options.spa_window)
-    d = Daemon(Settings(), Runtime(config, doors, {}, verifier, rot), FakeManager())
+    d = Daemon(Settings(spa_screen="classic"), Runtime(config, doors, {}, verifier, rot), FakeManager())
     d.capture = FakeCapture()
     d.matcher.local_addresses = frozenset({HERE, HERE6})
     d.bound.local_addresses = frozenset({HERE, HERE6})

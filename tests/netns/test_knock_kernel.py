@@ -225,8 +225,8 @@ def test_reloads_move_matching_between_kernel_and_user_space(lab, tmp_path):
 
 
 def test_the_units_capabilities_are_enough_and_needed():
-    """The systemd unit keeps CAP_NET_ADMIN, CAP_NET_RAW and CAP_BPF: with exactly those the matcher loads
-    and attaches; without CAP_BPF the daemon is told why (and matches in user space)."""
+    """The systemd unit keeps CAP_NET_ADMIN, CAP_NET_RAW and CAP_BPF: with exactly those the knock matcher
+    and the SPA screen load and attach; without CAP_BPF the daemon is told why (and falls back)."""
     import subprocess
     import sys
 
@@ -241,6 +241,11 @@ def test_the_units_capabilities_are_enough_and_needed():
              "k.set_doors([MatchDoor('a', (PortSpec(7000), PortSpec(8000)), 5.0)])\n"
              "s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)\n"
              "ebpf.attach(s, k.program)\n"
+             "from spa.server.spa_kernel import SpaScreen\n"
+             "screen = SpaScreen(62201)\n"
+             "screen.set_hints({bytes(8): bytes(32)})\n"
+             "screen.refuse([bytes(24)])\n"
+             "ebpf.attach(s, screen.program)\n"
              "print('loaded and attached')\n")
 
     def run(caps: str) -> str:

@@ -83,6 +83,23 @@ def stays_closed(lab, address: str = SERVER_V4, source: str | None = None, wait:
     return not lab.probe(address, source=source)
 
 
+def screen_counts(tmp_path: Path, want: dict[str, int], limit: float = 8.0) -> tuple[dict[str, int], dict[str, float]]:
+    """The eBPF screen's counters for the names in ``want`` (from the metrics file, rewritten every 5 s),
+    once they equal ``want`` or ``limit`` seconds have passed; and the whole metrics file."""
+    from spa.metrics import parse
+
+    metrics = tmp_path / "state" / "metrics.prom"
+    seen: dict[str, int] = {}
+    m: dict[str, float] = {}
+    end = time.monotonic() + limit
+    while time.monotonic() < end and seen != want:
+        if metrics.exists():
+            m = parse(metrics.read_text())
+            seen = {k: int(m.get(f'spa_screen_datagrams_total{{result="{k}"}}', -1)) for k in want}
+        time.sleep(0.2)
+    return seen, m
+
+
 @pytest.fixture
 def keys(tmp_path):
     return Keys(tmp_path)
@@ -190,7 +207,8 @@ def test_after_the_machine_went_down_under_it_packets_made_before_the_start_are_
         server.stop()
 
 
-def test_every_bad_packet_is_rejected_and_nothing_opens(lab, tmp_path, keys):
+@pytest.mark.parametrize("screen", ["ebpf", "classic"])
+def test_every_bad_packet_is_rejected_and_nothing_opens(lab, tmp_path, keys, screen):
     lab.default_deny("nft")
     authorized = keys.authorize("authorized_keys", keys.pub_line())
     expired = keys.authorize("expired_keys", "expires=2020-01-01 " + keys.pub_line())
@@ -198,21 +216,25 @@ def test_every_bad_packet_is_rejected_and_nothing_opens(lab, tmp_path, keys):
     other_only = keys.authorize("other_keys", keys.pub_line(keys.other))
     text = config(keys, door("ssh", authorized) + door("old", expired) + door("fenced", fenced)
                   + door("others", other_only))
-    server = Server(lab, tmp_path, config_text=text, extra=("-D",))
+    server = Server(lab, tmp_path, config_text=text, extra=("-D", "--spa-screen", screen))
     another_server = protocol.public_of(os.urandom(32))
     good = packet(keys)
     try:
-        # What the kernel's filter drops (wrong size or version, a hint no key has): sent first,
+        # What the kernel drops either way (wrong size or version, a hint no key has): sent first,
         # they must never reach the daemon.
         kernel = [bytes([good[0] ^ 1]) + good[1:], good[:1] + bytes([good[1] ^ 8]) + good[2:], good[:-1],
                   good + b"\0", packet(keys, server_public=another_server)]
         for data in kernel:
             send(lab, data)
-        cases = []
+        forged = []
         for bit in (8 * 20, 8 * 40 + 7, 8 * 100, 8 * (len(good) - 1)):  # nonce, body, tag: the AEAD fails
             flipped = bytearray(good)
             flipped[bit // 8] ^= 1 << (bit % 8)
-            cases.append((bytes(flipped), "dropped (aead)"))
+            forged.append(bytes(flipped))
+        # The eBPF screen drops these in the kernel too; the classic filter passes them to the daemon.
+        cases = [] if screen == "ebpf" else [(data, "dropped (aead)") for data in forged]
+        for data in forged if screen == "ebpf" else ():
+            send(lab, data)
         cases += [
             (packet(keys, offset=-120), "rejected (stale)"),
             (packet(keys, offset=+120), "rejected (future)"),
@@ -224,13 +246,58 @@ def test_every_bad_packet_is_rejected_and_nothing_opens(lab, tmp_path, keys):
         for i, (data, reason) in enumerate(cases):
             send(lab, data)
             assert server.wait_log(reason, count=sum(1 for _, r in cases[: i + 1] if r == reason)), (i, reason)
-        for reason in ("size", "version", "unknown-key"):
+        for reason in ("size", "version", "unknown-key", *(("aead",) if screen == "ebpf" else ())):
             assert f"dropped ({reason})" not in server.text()
-        assert "SPA port 62201, kernel filter: the key hints of 2 key(s) over the index" in server.text()
+        mode = ("eBPF screen (a datagram reaches user space only with a valid AEAD tag under a key hint of 2 key(s))"
+                if screen == "ebpf" else "the key hints of 2 key(s) over the index")
+        assert f"SPA port 62201, kernel filter: {mode}" in server.text()
         assert stays_closed(lab)
         assert server.text().count("OPEN SESAME") == 0
         send(lab, good)  # the untouched original is still good: nothing above consumed it
         assert lab.wait_for(True, SERVER_V4, limit=2) is not None
+        if screen == "ebpf":  # the screen counted each drop by kind
+            want = {"forged": 4, "unknown": 2, "size": 2, "version": 1, "replay": 0, "passed": len(cases) + 1}
+            assert screen_counts(tmp_path, want)[0] == want
+    finally:
+        server.stop()
+
+
+def test_forgeries_under_the_clients_own_hint_and_replays_stop_in_the_kernel(lab, tmp_path, keys):
+    """A bounded flood of forgeries made under the client's real key hint (what an observer of the
+    wire can make), with the client's own packet in the middle, then copies of that packet: the
+    eBPF screen drops every forgery and copy in the kernel, counts them, and the door opens once."""
+    lab.default_deny("nft")
+    text = config(keys, door("ssh", keys.authorize("authorized_keys", keys.pub_line())))
+    server = Server(lab, tmp_path, config_text=text, extra=("--spa-screen", "ebpf"))
+    good = packet(keys)
+    forgeries, copies = 4000, 200
+    try:
+        assert "kernel filter: eBPF screen" in server.text(), server.text()
+        with in_netns(lab.client):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.bind((CLIENT_V4, 0))
+            for i in range(forgeries):  # bounded; to the server namespace only
+                if i == forgeries // 2:
+                    s.sendto(good, (SERVER_V4, SPA_PORT))
+                s.sendto(good[:9] + os.urandom(len(good) - 9), (SERVER_V4, SPA_PORT))
+            assert lab.wait_for(True, SERVER_V4, limit=2) is not None, server.output()
+            assert server.wait_log("OPEN SESAME")
+            for _ in range(copies):
+                s.sendto(good, (SERVER_V4, SPA_PORT))
+        finally:
+            s.close()
+        want = {"forged": forgeries, "replay": copies, "passed": 1, "unknown": 0, "size": 0, "version": 0}
+        seen, m = screen_counts(tmp_path, want)
+        assert seen == want
+        # None of it reached the daemon's checks: one datagram seen, accepted.
+        assert {k: v for k, v in m.items() if k.startswith("spa_spa_packets_total{")} == {
+            'spa_spa_packets_total{result="accepted"}': 1}
+        assert server.text().count("OPEN SESAME") == 1
+        r = subprocess.run([sys.executable, "-m", "spa.cli", "status", "--state-dir", str(tmp_path / "state")],
+                           capture_output=True, text=True, cwd=ROOT, timeout=30)
+        assert (f"SPA screen: eBPF, in the kernel; dropped there: {forgeries} forged, {copies} replay; "
+                "1 passed to the checks") in r.stdout, r.stdout
     finally:
         server.stop()
 

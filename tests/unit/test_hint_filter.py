@@ -172,7 +172,7 @@ def _daemon(tmp_path, monkeypatch, clock: list[float], extra_keys: int = 0, more
                     f"{tmp_path / 'authorized_keys'}\n    open = 22/tcp\n    cmd_timeout = 30\n{more_doors}")
     monkeypatch.setattr(daemon_module, "time", types.SimpleNamespace(
         time=lambda: clock[0], monotonic=time.monotonic, strftime=time.strftime, localtime=time.localtime))
-    d = Daemon(Settings(), Runtime.load(str(conf)), FakeManager())
+    d = Daemon(Settings(spa_screen="classic"), Runtime.load(str(conf)), FakeManager())
     d.capture = FakeCapture()
     d.matcher.local_addresses = frozenset({SERVER4})
     return d
