@@ -435,8 +435,11 @@ def findings(rows: list[Row], n: int) -> list[str]:
             " filter each forgery reaches Python and is decrypted to be refused (about 10 µs); past what the loop"
             " can decrypt the socket buffer fills and the kernel drops packets unread, the client's among them, and"
             " at the maximum the daemon takes the flooded hint out of the filter until the client's next one. The"
-            " screen checks the tag in softirq (about 1.2 µs a datagram, `bench/capture_cost.py`), so a forgery"
-            " is never queued and the client's packet is the only one its socket holds.")
+            " screen checks the tag in softirq (1–2 µs a datagram: `bench/capture_cost.py`), so a forgery is never"
+            " queued and the client's packet is the only one its socket holds."
+            + (" The sender's maximum is lower against the screen: on a veth the receive path, the tag check"
+               " included, runs inside the sender's own `sendmmsg` calls." if rate == 0
+               and after.sent_pps < before.sent_pps else ""))
     r = next((r for r in ours if r.sc.kind == "other-hint"), None)
     if r is not None:
         out.append(f"- **{KINDS[r.sc.kind]} at {r.sent_pps / 1000:.0f} k pps: {r.got_through}/{n} of the other"
