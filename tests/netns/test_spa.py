@@ -67,13 +67,13 @@ def packet(keys: Keys, door_name: str = "ssh", address: str = CLIENT_V4, *, pair
                           parse_address(address), duration, time_ms=int((time.time() + offset) * 1000))
 
 
-def send(lab, data: bytes, source: str = CLIENT_V4, server: str = SERVER_V4) -> None:
+def send(lab, data: bytes, source: str = CLIENT_V4, server: str = SERVER_V4, port: int = SPA_PORT) -> None:
     family = socket.AF_INET6 if ":" in server else socket.AF_INET
     with in_netns(lab.client):
         s = socket.socket(family, socket.SOCK_DGRAM)
     try:
         s.bind((source, 0))
-        s.sendto(data, (server, SPA_PORT))
+        s.sendto(data, (server, port))
     finally:
         s.close()
 
@@ -298,6 +298,50 @@ def test_forgeries_under_the_clients_own_hint_and_replays_stop_in_the_kernel(lab
                            capture_output=True, text=True, cwd=ROOT, timeout=30)
         assert (f"SPA screen: eBPF, in the kernel; dropped there: {forgeries} forged, {copies} replay; "
                 "1 passed to the checks") in r.stdout, r.stdout
+    finally:
+        server.stop()
+
+
+def test_reloads_move_the_spa_port_and_switch_between_the_ebpf_screen_and_the_classic_filter(lab, tmp_path, keys):
+    """SIGHUP to another SpaPort (a new screen for the new port), then to a config where a door also knocks
+    on that port (the classic filter: every datagram to it goes to user space): SPA opens in each."""
+    import json
+
+    lab.default_deny("nft")
+    spa = door("ssh", keys.authorize("authorized_keys", keys.pub_line()))
+    server = Server(lab, tmp_path, config_text=config(keys, spa))
+    status = tmp_path / "state" / "status.json"
+
+    def screen_mode(want: str) -> bool:
+        end = time.monotonic() + 8  # status.json is rewritten every 5 s
+        while time.monotonic() < end:
+            if status.exists() and json.loads(status.read_text()).get("spa_screen") == want:
+                return True
+            time.sleep(0.2)
+        return False
+
+    try:
+        assert "kernel filter: eBPF screen" in server.text()
+        send(lab, packet(keys))
+        assert lab.wait_for(True, SERVER_V4, limit=2) is not None
+        server.config.write_text(config(keys, spa, "SpaPort = 62202"))
+        server.signal(signal.SIGHUP)
+        assert server.wait_log("re-reading config file")
+        time.sleep(0.3)
+        send(lab, packet(keys, address=CLIENT2_V4), source=CLIENT2_V4)  # the old port: nothing listens there now
+        assert stays_closed(lab, source=CLIENT2_V4)
+        send(lab, packet(keys, address=CLIENT2_V4), source=CLIENT2_V4, port=62202)
+        assert lab.wait_for(True, SERVER_V4, source=CLIENT2_V4, limit=2) is not None
+        assert screen_mode("ebpf")
+        knocks_there = "[knock]\n    sequence = 7000,62202:udp\n    seq_timeout = 5\n    open = 22/tcp\n    cmd_timeout = 5\n"
+        server.config.write_text(config(keys, spa + knocks_there, "SpaPort = 62202"))
+        server.signal(signal.SIGHUP)
+        assert server.wait_log("SPA port: classic kernel filter: a door knocks on the SPA port")
+        time.sleep(0.3)
+        send(lab, packet(keys, address=CLIENT_V6), source=CLIENT_V6, server=SERVER_V6, port=62202)
+        assert lab.wait_for(True, SERVER_V6, limit=2) is not None
+        assert screen_mode("classic")
+        assert server.text().count("OPEN SESAME (SPA") == 3
     finally:
         server.stop()
 

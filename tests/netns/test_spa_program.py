@@ -249,3 +249,41 @@ def test_what_is_not_a_whole_datagram_to_the_port_is_not_counted(world):
     }
     for what, ip_packet in short.items():
         assert screen.run(ip_packet) == (False, "size"), what
+
+
+def test_the_runtime_keeps_its_hint_map_in_step_and_passes_what_the_program_passes():
+    """``spa.server.spa_kernel.SpaScreen``: ``set_hints`` leaves exactly the hints given (changed keys
+    replaced, the rest deleted), ``refuse`` adds nonces, and the loaded program follows both."""
+    from spa.server.spa_kernel import SpaScreen
+
+    c = Clients()
+    now_ms = int(time.time() * 1000)
+    epoch = PR.epoch_of(now_ms)
+    screen = SpaScreen(PORT)
+    try:
+        first = {c.pairs[0].hint(e): c.pairs[0].aead_key for e in (epoch - 1, epoch)}
+        screen.set_hints(first)
+        assert sorted(screen.hints.keys()) == sorted(first)
+        packet = PR.build(c.seeds[0], c.server_public, "ssh", ipaddress.ip_address("192.0.2.2"), time_ms=now_ms,
+                          pair=c.pairs[0])
+        ip_packet = _wrap(packet, False)
+        assert screen.program.test_run_ip(ip_packet) == SP.ACCEPT
+        # The index moves an epoch and the second client is added; a hint whose key changed is replaced.
+        moved = {c.pairs[0].hint(e): c.pairs[0].aead_key for e in (epoch, epoch + 1)}
+        moved.update({c.pairs[1].hint(epoch): c.pairs[1].aead_key})
+        moved[c.pairs[0].hint(epoch)] = c.pairs[1].aead_key
+        screen.set_hints(moved)
+        assert sorted(screen.hints.keys()) == sorted(moved)
+        assert screen.hints.lookup(c.pairs[0].hint(epoch)) == c.pairs[1].aead_key
+        assert screen.program.test_run_ip(ip_packet) == 0  # the wrong key for it now: refused as forged
+        moved[c.pairs[0].hint(epoch)] = c.pairs[0].aead_key
+        screen.set_hints(moved)
+        assert screen.program.test_run_ip(ip_packet) == SP.ACCEPT
+        screen.refuse([packet[1 + PR.HINT_SIZE:PR.HEADER_SIZE]])
+        assert screen.program.test_run_ip(ip_packet) == 0
+        assert screen.counts() == {"datagrams": 4, "size": 0, "version": 0, "unknown": 0, "replay": 1,
+                                   "forged": 1, "passed": 2}
+        screen.set_hints({})
+        assert list(screen.hints.keys()) == []
+    finally:
+        screen.close()
