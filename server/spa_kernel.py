@@ -21,14 +21,11 @@ map by id): the trust boundary does not move (``docs/threat-model.md``).
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Iterable, Mapping
 
 from spa import spa_program as SP
 from spa.server import ebpf
-
-log = logging.getLogger("spa.server.spa_kernel")
 
 #: Hint map entries: hints are (clients x epochs indexed), about 65 epochs per client by default.
 #: Allocated as used (BPF_F_NO_PREALLOC), so the bound costs nothing until it is reached.
@@ -69,13 +66,18 @@ class SpaScreen:
         return thing
 
     def set_hints(self, hints: Mapping[bytes, bytes]) -> None:
-        """The hints to pass (hint -> AEAD key): the verifier's index now."""
+        """The hints to pass (hint -> AEAD key): the verifier's index now.
+
+        What the map holds is tracked entry by entry, so a refusal part way
+        (``ebpf.BpfError``) leaves the next call a true picture to diff from.
+        """
         for h in self._hints.keys() - hints.keys():
             self.hints.delete(h)
+            del self._hints[h]
         for h, key in hints.items():
             if self._hints.get(h) != key:
                 self.hints.update(h, key)
-        self._hints = dict(hints)
+                self._hints[h] = key
 
     def refuse(self, nonces: Iterable[bytes]) -> None:
         """Nonces of packets accepted: their copies stop in the kernel."""

@@ -106,9 +106,9 @@ def chacha20_poly_key(a: A.Asm, base: int, state: int, key: int, nonce8: int) ->
         a.stx(A.W, base, state + 4 * i, A.R1)
 
 
-def _limbs(a: A.Asm, lo: int, hi: int, out: tuple[int, int, int, int, int], tmp: int, top: int) -> None:
-    """The 130-bit number ``hi:lo`` (+ ``top`` << 104) as five 26-bit limbs into the registers ``out``
-    (``lo`` and ``hi`` are kept)."""
+def _limbs(a: A.Asm, lo: int, hi: int, out: tuple[int, ...], tmp: int) -> None:
+    """The 128-bit number ``hi:lo`` as five 26-bit limbs into the registers ``out`` (``lo`` and ``hi`` are kept;
+    ``_add_block`` does the same a limb at a time, for want of registers)."""
     l0, l1, l2, l3, l4 = out
     a.mov64_reg(l0, lo)
     a.alu64_imm(A.AND, l0, _M26)
@@ -126,8 +126,6 @@ def _limbs(a: A.Asm, lo: int, hi: int, out: tuple[int, int, int, int, int], tmp:
     a.alu64_imm(A.AND, l3, _M26)
     a.mov64_reg(l4, hi)
     a.alu64_imm(A.RSH, l4, 40)
-    if top:
-        a.alu64_imm(A.OR, l4, top)
 
 
 def poly1305(a: A.Asm, base: int, key: int, msg: int, blocks: int, work: int, out: int) -> None:
@@ -142,7 +140,7 @@ def poly1305(a: A.Asm, base: int, key: int, msg: int, blocks: int, work: int, ou
     a.ldx(A.DW, A.R7, base, key + 8)
     a.ld_imm64(A.R0, _CLAMP_HI)
     a.alu64_reg(A.AND, A.R7, A.R0)
-    _limbs(a, A.R6, A.R7, h, A.R0, 0)
+    _limbs(a, A.R6, A.R7, h, A.R0)
     for i, reg in enumerate(h):
         a.stx(A.DW, base, r_off + 8 * i, reg)
         a.mov64_reg(A.R0, reg)
