@@ -148,7 +148,8 @@ def test_refused_programs():
         hint_filter.with_hint_check([(0x06, 0, 0, 0)], PORT, [])
 
 
-def _daemon(tmp_path, monkeypatch, clock: list[float], extra_keys: int = 0, more_doors: str = ""):
+def _daemon(tmp_path, monkeypatch, clock: list[float], extra_keys: int = 0, more_doors: str = "",
+            screen: str = "classic"):
     """A real Daemon with one SPA door (``extra_keys`` more authorized keys, ``more_doors`` more config),
     a fake capture, our clock."""
     import time
@@ -172,7 +173,7 @@ def _daemon(tmp_path, monkeypatch, clock: list[float], extra_keys: int = 0, more
                     f"{tmp_path / 'authorized_keys'}\n    open = 22/tcp\n    cmd_timeout = 30\n{more_doors}")
     monkeypatch.setattr(daemon_module, "time", types.SimpleNamespace(
         time=lambda: clock[0], monotonic=time.monotonic, strftime=time.strftime, localtime=time.localtime))
-    d = Daemon(Settings(spa_screen="classic"), Runtime.load(str(conf)), FakeManager())
+    d = Daemon(Settings(spa_screen=screen), Runtime.load(str(conf)), FakeManager())
     d.capture = FakeCapture()
     d.matcher.local_addresses = frozenset({SERVER4})
     return d
@@ -308,6 +309,34 @@ def test_a_hint_flooded_with_forgeries_leaves_the_kernel_while_the_capture_drops
         assert d.spa_filter.quarantine[flooded] == clock[0] + 2 * HINT_QUARANTINE
         d.capture = None  # the metrics read no capture here
         assert {m.name: m for m in d.metrics(active=0)}["spa_key_hints_quarantined"].samples == {(): 1}
+    finally:
+        d.capture = None
+        d.close()
+
+
+@pytest.mark.parametrize("asked, level", [("auto", logging.INFO), ("ebpf", logging.ERROR)])
+def test_without_ebpf_the_spa_port_falls_back_to_the_classic_filter(tmp_path, monkeypatch, caplog, asked, level):
+    """The eBPF screen refused (no CAP_BPF, an old kernel, lockdown): the classic filter takes the SPA port,
+    said once, as an error when the screen was asked for by name."""
+    import spa.server.daemon as daemon_module
+    from spa.protocol import epoch_of
+    from spa.server import ebpf
+
+    def refused(port):
+        raise ebpf.BpfError("bpf() not permitted (CAP_BPF missing?)")
+
+    monkeypatch.setattr(daemon_module, "SpaScreen", refused)
+    clock = [1_750_000_015.0]
+    d = _daemon(tmp_path, monkeypatch, clock, screen=asked)
+    try:
+        with caplog.at_level(logging.INFO, logger="spa.server"):
+            d.rebuild_filter()
+            d.rebuild_filter()
+        said = [r for r in caplog.records if "bpf() not permitted" in r.getMessage()]
+        assert len(said) == 1 and said[0].levelno == level, [r.getMessage() for r in caplog.records]
+        assert d.screen is None and d.spa_filter.active
+        pair = next(iter(d.spa.verifier.clients.values())).pair
+        assert run(d.capture.filters[-1], _spa(pair.hint(epoch_of(int(clock[0] * 1000)))))
     finally:
         d.capture = None
         d.close()
