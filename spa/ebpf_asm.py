@@ -194,6 +194,34 @@ class Asm:
         self.mov64_imm(R0, value)
         self.exit()
 
+    # -- common sequences (the generators' map calls and counters) ----------------------
+
+    def map_call(self, helper: int, map_fd: int, key: int, value: int | None = None, flags: int | None = None) -> None:
+        """``helper(map, r10 + key[, r10 + value[, flags]])``: a map lookup, update or delete; result in r0."""
+        self.ld_map_fd(R1, map_fd)
+        self.mov64_reg(R2, R10)
+        self.alu64_imm(ADD, R2, key)
+        if value is not None:
+            self.mov64_reg(R3, R10)
+            self.alu64_imm(ADD, R3, value)
+        if flags is not None:
+            self.mov64_imm(R4, flags)
+        self.call(helper)
+
+    def array_element0(self, map_fd: int, slot: int, missing: str) -> None:
+        """r0 = the address of an array map's element 0 (the index goes in the stack's u32 at ``r10 + slot``);
+        on to ``missing`` if there is none."""
+        self.st_imm(W, R10, slot, 0)
+        self.map_call(FN_map_lookup_elem, map_fd, slot)
+        self.jmp_imm(JEQ, R0, 0, missing)
+
+    def add_one(self, pointer: int, off: int) -> None:
+        """``*(u64 *)(p + off) += 1``, atomically, where ``p`` is the address saved at ``r10 + pointer``
+        (r1, r2 used)."""
+        self.ldx(DW, R1, R10, pointer)
+        self.mov64_imm(R2, 1)
+        self.atomic_add(DW, R1, off, R2)
+
     # -- output ------------------------------------------------------------------------
 
     def assemble(self) -> bytes:

@@ -186,24 +186,9 @@ class _Gen:
 
     # -- pieces ------------------------------------------------------------------
 
-    def map_call(self, helper: int, map_fd: int, key: int, value: int | None = None, flags: int | None = None) -> None:
-        """``helper(map, r10 + key[, r10 + value[, flags]])``: a map lookup, update or delete; result in r0."""
-        a = self.a
-        a.ld_map_fd(A.R1, map_fd)
-        a.mov64_reg(A.R2, A.R10)
-        a.alu64_imm(A.ADD, A.R2, key)
-        if value is not None:
-            a.mov64_reg(A.R3, A.R10)
-            a.alu64_imm(A.ADD, A.R3, value)
-        if flags is not None:
-            a.mov64_imm(A.R4, flags)
-        a.call(helper)
-
     def first_element(self, map_fd: int) -> None:
         """r0 = the address of an array map's element 0 (on to ``out`` if missing)."""
-        self.a.st_imm(A.W, A.R10, _SLOT, 0)
-        self.map_call(A.FN_map_lookup_elem, map_fd, _SLOT)
-        self.a.jmp_imm(A.JEQ, A.R0, 0, "out")
+        self.a.array_element0(map_fd, _SLOT, "out")
 
     def counters(self) -> None:
         """Look the counters up once and keep their address on the stack."""
@@ -211,10 +196,7 @@ class _Gen:
         self.a.stx(A.DW, A.R10, _CNT, A.R0)
 
     def count(self, slot: int) -> None:
-        a = self.a
-        a.ldx(A.DW, A.R1, A.R10, _CNT)
-        a.mov64_imm(A.R2, 1)
-        a.atomic_add(A.DW, A.R1, 8 * slot, A.R2)
+        self.a.add_one(_CNT, 8 * slot)
 
     def emit(self, kind: str, *, stage: int | None = None) -> None:
         """One event: ``stage`` given, or the one saved at ``_STAGE``."""
@@ -240,7 +222,7 @@ class _Gen:
         a.label(done)
 
     def delete_attempt(self) -> None:
-        self.map_call(A.FN_map_delete_elem, self.maps.attempts, _KEY_OFF)
+        self.a.map_call(A.FN_map_delete_elem, self.maps.attempts, _KEY_OFF)
 
     def visible(self, d: MatchDoor, invisible: str) -> None:
         """Fall through when door ``d`` can see the packet, else jump to ``invisible``."""
@@ -437,7 +419,7 @@ class _Gen:
         if self.maps.local is None:
             a.st_imm(A.W, A.R10, _LOCAL_OK, 1)
             return
-        self.map_call(A.FN_map_lookup_elem, self.maps.local, _DST)
+        self.a.map_call(A.FN_map_lookup_elem, self.maps.local, _DST)
         a.mov64_imm(A.R1, 0)
         not_local = self.fresh("not_local")
         a.jmp_imm(A.JEQ, A.R0, 0, not_local)
@@ -469,7 +451,7 @@ class _Gen:
             self.emit("open", stage=1)
             a.label(done)
             return
-        self.map_call(A.FN_map_lookup_elem, self.maps.attempts, _KEY_OFF)
+        self.a.map_call(A.FN_map_lookup_elem, self.maps.attempts, _KEY_OFF)
         a.jmp_imm(A.JEQ, A.R0, 0, first)
         a.mov64_reg(A.R7, A.R0)
         a.ldx(A.W, A.R1, A.R7, 8)
@@ -539,7 +521,7 @@ class _Gen:
         a.stx(A.DW, A.R10, _VAL, A.R9)
         a.st_imm(A.W, A.R10, _VAL + 8, 1)
         self.copy_last(A.R10, _VAL)
-        self.map_call(A.FN_map_update_elem, self.maps.attempts, _KEY_OFF, _VAL, flags=0)  # BPF_ANY
+        self.a.map_call(A.FN_map_update_elem, self.maps.attempts, _KEY_OFF, _VAL, flags=0)  # BPF_ANY
         self.emit("stage", stage=1)
         a.label(done)
 

@@ -107,19 +107,10 @@ class _Gen:
 
     def element0(self, map_fd: int) -> None:
         """r0 = the address of an array's element 0 (on to ``out`` if missing)."""
-        a = self.a
-        a.st_imm(A.W, A.R10, _SLOT, 0)
-        a.ld_map_fd(A.R1, map_fd)
-        a.mov64_reg(A.R2, A.R10)
-        a.alu64_imm(A.ADD, A.R2, _SLOT)
-        a.call(A.FN_map_lookup_elem)
-        a.jmp_imm(A.JEQ, A.R0, 0, "out")
+        self.a.array_element0(map_fd, _SLOT, "out")
 
     def count(self, name: str) -> None:
-        a = self.a
-        a.ldx(A.DW, A.R1, A.R10, _CNT)
-        a.mov64_imm(A.R2, 1)
-        a.atomic_add(A.DW, A.R1, 8 * _C[name], A.R2)
+        self.a.add_one(_CNT, 8 * _C[name])
 
     def refuse(self, name: str) -> None:
         self.count(name)
@@ -137,13 +128,6 @@ class _Gen:
         a.mov64_imm(A.R4, length)
         a.call(A.FN_skb_load_bytes)
         a.jmp_imm(A.JNE, A.R0, 0, "out")
-
-    def lookup(self, map_fd: int, key: int) -> None:
-        a = self.a
-        a.ld_map_fd(A.R1, map_fd)
-        a.mov64_reg(A.R2, A.R10)
-        a.alu64_imm(A.ADD, A.R2, key)
-        a.call(A.FN_map_lookup_elem)
 
     def parse(self) -> None:
         """r8 = where the UDP header starts and r9 = where the IP packet ends, or on to ``out``."""
@@ -207,14 +191,14 @@ class _Gen:
         # Known hint? (r7: that client's AEAD key.)
         a.ldx(A.DW, A.R1, A.R9, _MSG + 1)
         a.stx(A.DW, A.R10, _HINT_KEY, A.R1)
-        self.lookup(self.maps.hints, _HINT_KEY)
+        self.a.map_call(A.FN_map_lookup_elem, self.maps.hints, _HINT_KEY)
         a.jmp_imm(A.JEQ, A.R0, 0, "unknown")
         a.mov64_reg(A.R7, A.R0)
         # An accepted packet's nonce again?
         for i in range(0, NONCE_SIZE, 8):
             a.ldx(A.DW, A.R1, A.R9, _NONCE + i)
             a.stx(A.DW, A.R10, _NONCE_KEY + i, A.R1)
-        self.lookup(self.maps.nonces, _NONCE_KEY)
+        self.a.map_call(A.FN_map_lookup_elem, self.maps.nonces, _NONCE_KEY)
         a.jmp_imm(A.JNE, A.R0, 0, "replay")
         # The padding and lengths of the Poly1305 message (the scratch holds another packet's bytes).
         for off in range(HEADER_SIZE, _AD_PADDED):

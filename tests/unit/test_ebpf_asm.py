@@ -103,3 +103,22 @@ def test_alu32_encodings():
     a.alu32_reg(A.MOV, A.R5, A.R4)  # 0xbc: the low half, zero-extended
     a.alu32_imm(A.ADD, A.R0, 0x6B206574)  # 0x04
     assert _hex(a) == ["6404000010000000", "0c21000000000000", "bc45000000000000", "040000007465206b"]
+
+
+def test_map_call_array_element_and_add_one():
+    a = A.Asm()
+    a.map_call(A.FN_map_update_elem, 5, -24, -48, flags=0)
+    a.label("none")
+    a.array_element0(6, -4, "none")
+    a.add_one(-8, 16)
+    assert _hex(a) == [
+        "1811000005000000", "0000000000000000",  # ld_imm64 r1 = map fd 5 (src 1: a pseudo map fd)
+        "bfa2000000000000", "07020000e8ffffff",  # r2 = r10 - 24
+        "bfa3000000000000", "07030000d0ffffff",  # r3 = r10 - 48
+        "b704000000000000", "8500000002000000",  # r4 = 0; call map_update_elem
+        "620afcff00000000",  # *(u32 *)(r10 - 4) = 0
+        "1811000006000000", "0000000000000000",
+        "bfa2000000000000", "07020000fcffffff", "8500000001000000",
+        "1500f9ff00000000",  # if r0 == 0 goto none (7 slots back, counted from the next)
+        "79a1f8ff00000000", "b702000001000000", "db21100000000000",  # r1 = *(r10 - 8); r2 = 1; lock *(r1 + 16) += r2
+    ]
