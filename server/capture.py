@@ -14,13 +14,20 @@ program, and only then is bound to ``(ifindex, protocol)``: no unfiltered
 packet is ever queued. ``any`` binds to ifindex 0 (every interface, present
 and future).
 
+Beside them, per interface and protocol, sockets that carry an eBPF program
+instead (opened, closed and reopened with the interface's own): the kernel
+knock matcher's taps (``set_tap``: never read, the program returns 0) and
+the SPA port's screen (``set_screen``: read with ``read_screen``, one
+datagram a system call, as only authenticated ones pass).
+
 Unlike knockd, an interface that goes down, disappears or does not exist yet
 is not fatal: ``read()`` never raises for a socket error; it logs the outage
 once, closes that interface's sockets and ``refresh()`` (called by the
 daemon on a ``spa.server.netlink.Monitor`` change and periodically) opens
 them again once the interface exists and is up. The set of sockets can thus
 change on ``read()`` and ``refresh()``; ``version`` is bumped each time, so
-the daemon re-registers ``sockets()`` with its selector when it differs.
+the daemon re-registers ``sockets()`` and ``screens()`` with its selector
+when it differs.
 
 All sockets are made in the calling thread's network namespace: construct
 the capture and call ``refresh()`` in the same one.
