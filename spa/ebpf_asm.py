@@ -1,12 +1,15 @@
 """A small eBPF assembler: instructions in, the kernel's ``struct bpf_insn`` bytes out (pure).
 
 The knock matcher's kernel program (``spa.knock_program``) is generated per
-configuration, with each door's steps as constants, so it is written here
-in Python rather than compiled from C: no compiler, no libbpf, no new
-dependency. Only what that program needs is here: 64-bit ALU, loads and
-stores, legacy packet loads (``ld_abs``/``ld_ind``: they read network-order
-values as host numbers and end the program with 0 when out of bounds),
-map references, helper calls and jumps to named labels.
+configuration, with each door's steps as constants, and the SPA port's
+screen (``spa.spa_program``) per SPA port, so they are written here in
+Python rather than compiled from C: no compiler, no libbpf, no new
+dependency. Only what those programs need is here: 64- and 32-bit ALU,
+loads and stores, legacy packet loads (``ld_abs``/``ld_ind``: they read
+network-order values as host numbers and end the program with 0 when out of
+bounds), map references, helper calls, jumps to named labels, and the few
+sequences both generators repeat (``map_call``, ``array_element0``,
+``add_one``).
 
 Encoding (linux/bpf.h): 8 bytes a slot, ``code``, ``dst | src << 4``, a
 signed 16-bit offset and a signed 32-bit immediate, little-endian; a jump's
