@@ -346,6 +346,30 @@ def test_reloads_move_the_spa_port_and_switch_between_the_ebpf_screen_and_the_cl
         server.stop()
 
 
+def test_the_screen_comes_back_with_its_interface(lab, tmp_path, keys):
+    """The interface goes down and up: the screen's sockets are closed with the capture's and reopened with
+    them, and SPA opens again (a knock-only daemon has the same test in test_knockd_compat.py)."""
+    from spa.server.netns import sh
+
+    lab.default_deny("nft")
+    server = Server(lab, tmp_path, config_text=config(keys, door("ssh", keys.authorize("authorized_keys",
+                                                                                          keys.pub_line()))))
+    try:
+        assert "kernel filter: eBPF screen" in server.text()
+        for ns in (lab.server, lab.client):
+            sh("ip", "link", "set", "veth0", "down", ns=ns)
+        assert server.wait_log("interface veth0 went down")
+        for ns in (lab.server, lab.client):
+            sh("ip", "link", "set", "veth0", "up", ns=ns)
+        assert server.wait_log("interface veth0 is back"), server.text()
+        time.sleep(0.3)  # the addresses come back too (IPv6 after DAD; this one is IPv4)
+        send(lab, packet(keys))
+        assert lab.wait_for(True, SERVER_V4, limit=3) is not None, server.text()
+        assert server.proc.poll() is None
+    finally:
+        server.stop()
+
+
 def test_ipv6_end_to_end_and_allow_ip_opens_only_that_address(lab, tmp_path, keys):
     lab.default_deny("nft")
     text = config(keys, door("ssh", keys.authorize("authorized_keys", keys.pub_line())))
