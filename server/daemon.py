@@ -188,6 +188,12 @@ def door_grant(door: Door, address: Address, duration: float | None = None, via:
         return None
 
 
+def _debug_packet(proto: int, skey: int, sport: int, dkey: int, dport: int, size: int) -> None:
+    """knockd -D's packet line, with the right month (knockd prints it one too low)."""
+    log.debug("%s: %s: %s:%d -> %s:%d %d bytes", time.strftime("%Y-%m-%d %H:%M:%S"),
+              "tcp" if proto == TCP else "udp", address(skey), sport, address(dkey), dport, size)
+
+
 class Daemon:
     def __init__(self, settings: Settings, runtime: Runtime, manager: GrantManager):
         self.settings = settings
@@ -681,9 +687,7 @@ class Daemon:
             if dport == spa_port and proto == UDP:
                 self._spa_packet(data, address(skey))
             if debug:
-                # knockd -D's packet line, with the right month (knockd prints it one too low).
-                log.debug("%s: %s: %s:%d -> %s:%d %d bytes", time.strftime("%Y-%m-%d %H:%M:%S"),
-                          "tcp" if proto == TCP else "udp", address(skey), sport, address(dkey), dport, len(data))
+                _debug_packet(proto, skey, sport, dkey, dport, len(data))
             found = feed(proto, skey, dkey, sport, dport, flags, seq, ts)
             if bound:
                 found += bound.feed(Knock(address(skey), address(dkey), "tcp" if proto == TCP else "udp", sport,
@@ -708,7 +712,10 @@ class Daemon:
                 self.stats["malformed"] += 1
                 continue
             self.stats["knocks"] += 1  # parsed packets that passed a kernel filter, as ``_read`` counts them
-            self._spa_packet(data, address(f[1]))
+            proto, skey, dkey, sport, dport, _flags, _seq = f
+            if log.isEnabledFor(logging.DEBUG):
+                _debug_packet(proto, skey, sport, dkey, dport, len(data))
+            self._spa_packet(data, address(skey))
 
     def _screen_counts(self) -> collections.Counter[str]:
         counts = collections.Counter(self._screen_retired)

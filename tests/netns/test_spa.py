@@ -255,6 +255,7 @@ def test_every_bad_packet_is_rejected_and_nothing_opens(lab, tmp_path, keys, scr
         assert server.text().count("OPEN SESAME") == 0
         send(lab, good)  # the untouched original is still good: nothing above consumed it
         assert lab.wait_for(True, SERVER_V4, limit=2) is not None
+        assert f"udp: {CLIENT_V4}:" in server.text() and f"-> {SERVER_V4}:{SPA_PORT} 299 bytes" in server.text()  # -D
         if screen == "ebpf":  # the screen counted each drop by kind
             want = {"forged": 4, "unknown": 2, "size": 2, "version": 1, "replay": 0, "passed": len(cases) + 1}
             assert screen_counts(tmp_path, want)[0] == want
