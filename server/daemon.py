@@ -427,7 +427,8 @@ class Daemon:
         elif mode == "auto" and log.isEnabledFor(logging.DEBUG):
             why = "debug logging prints every knock packet, which user space must then see"
         else:
-            why = unsuitable(self.matcher.doors, source_bound=bool(self.bound), spa_port_knocked=spa_port_knocked)
+            why = unsuitable(self.matcher.doors, source_bound=bool(self.bound), spa_port_knocked=spa_port_knocked,
+                             rotating=bool(self.runtime.rotating))
         if why is None and self.kernel is None:
             try:
                 self.kernel = KernelMatcher(self.settings.max_attempts)
@@ -437,7 +438,8 @@ class Daemon:
             assert self.kernel is not None and self.capture is not None
             try:
                 self.kernel.set_local(self.matcher.local_addresses or ())
-                if self.kernel.set_doors(self.matcher.doors) or self._tapped is not self.capture:
+                if (self.kernel.set_doors(self.matcher.doors, rotating=bool(self.runtime.rotating))
+                        or self._tapped is not self.capture):
                     self.capture.set_tap(self.kernel.program)
                     self._tapped = self.capture
             except ebpf.BpfError as exc:

@@ -38,12 +38,22 @@ definition changes (a reload, a one-time sequence used up) gets a new id,
 so its old attempts are never found again and age out of the LRU, while
 attempts of unchanged doors survive a new program.
 
+With an *active* map (``Maps.active``), each door also has a slot, a bit in
+a ``u64`` kept per source: set when the source starts an attempt of that
+door, cleared when the attempt ends. A packet reads its source's bits once
+and looks up only the attempts whose bit is set, so its cost does not grow
+with the doors. A bit whose attempt went otherwise (the sweep, the LRU)
+costs one lookup and is cleared then; a source with no bit left loses its
+entry. Without it, every door's attempt is looked up for every packet: the
+program the kernel checks fastest.
+
 Layouts (native byte order; addresses as four 32-bit words each holding
 the number a big-endian read of those bytes gives, IPv4 as ``0, 0, 0, a``):
 
 * attempt key, 24 bytes: source words, door id, family (4 or 6);
 * attempt value, 24 bytes: start (``u64`` ns), stage, TCP seq, sport, dport;
-* local address key, 20 bytes: address words, family;
+* local address key, 20 bytes: address words, family (also the active map's key: the source);
+* active value: a ``u64``, a bit per door slot;
 * event, 40 bytes: time (``u64`` ns), kind, stage, then the attempt key;
 * counters: one array element of a ``u64`` per name in ``COUNTERS``.
 """
@@ -67,6 +77,9 @@ TCP, UDP = 6, 17
 _PROTO_NUMBERS = {"tcp": TCP, "udp": UDP}
 
 ATTEMPT_KEY_SIZE = 24
+#: Door slots in a source's active bits (one u64).
+MAX_SLOTS = 64
+ACTIVE_VALUE_SIZE = 8
 ATTEMPT_VALUE_SIZE = 24
 LOCAL_KEY_SIZE = 20
 EVENT_SIZE = 40
@@ -99,6 +112,9 @@ _SPORT, _DPORT, _SEQ, _FLAGS, _PROTO, _LOCAL_OK, _STAGE = -64, -68, -72, -76, -8
 _VAL = -112  # a new attempt: start u64, stage, seq, sport, dport
 _SLOT = -116  # a u32 array index (counters, clock)
 _CNT = -128  # the counters' address, looked up once a packet
+_ACT = -148  # the source as an active-map key: words -148..-133, family -132
+_BITS = -160  # the source's door bits as the packet leaves them
+_BITS0 = -168  # and as it found them
 
 _SKB_LEN = 0  # offsetof(struct __sk_buff, len)
 _SKB_PKT_TYPE = 4  # offsetof(struct __sk_buff, pkt_type)
@@ -116,6 +132,9 @@ class Maps:
     counters: int  # array of one element: COUNTERS_VALUE_SIZE bytes, a u64 per counter
     local: int | None = None  # hash: local-address key -> u8; None: every destination is local
     clock: int | None = None  # array with one u64, "now" in ns, for tests; None: the kernel's monotonic clock
+    #: LRU hash: source key (as a local-address key) -> u64, a bit per door slot that may hold an attempt of
+    #: that source; None: every door's attempt is looked up for every packet.
+    active: int | None = None
 
 
 def _step(proto: str, port: int) -> int:
@@ -221,8 +240,51 @@ class _Gen:
         self.count(_C_LOST_OPENS if opens else _C_LOST_NOTES)
         a.label(done)
 
-    def delete_attempt(self) -> None:
+    def delete_attempt(self, slot: int | None) -> None:
         self.a.map_call(A.FN_map_delete_elem, self.maps.attempts, _KEY_OFF)
+        if slot is not None:
+            self.bit(slot, False)
+
+    def bit(self, slot: int, on: bool) -> None:
+        """Set or clear the door's bit in the source's active bits (on the stack until the packet is done)."""
+        a = self.a
+        mask = 1 << slot
+        a.ldx(A.DW, A.R1, A.R10, _BITS)
+        a.ld_imm64(A.R2, mask if on else ~mask & (1 << 64) - 1)
+        a.alu64_reg(A.OR if on else A.AND, A.R1, A.R2)
+        a.stx(A.DW, A.R10, _BITS, A.R1)
+
+    def load_bits(self) -> None:
+        """The source's active bits (0 without an entry), to ``_BITS`` and ``_BITS0``."""
+        a = self.a
+        assert self.maps.active is not None
+        for i in range(4):
+            a.ldx(A.W, A.R1, A.R10, _KEY_OFF + 4 * i)
+            a.stx(A.W, A.R10, _ACT + 4 * i, A.R1)
+        a.ldx(A.W, A.R1, A.R10, _FAMILY)
+        a.stx(A.W, A.R10, _ACT + 16, A.R1)
+        a.map_call(A.FN_map_lookup_elem, self.maps.active, _ACT)
+        none = self.fresh("no_bits")
+        a.mov64_imm(A.R1, 0)
+        a.jmp_imm(A.JEQ, A.R0, 0, none)
+        a.ldx(A.DW, A.R1, A.R0, 0)
+        a.label(none)
+        a.stx(A.DW, A.R10, _BITS, A.R1)
+        a.stx(A.DW, A.R10, _BITS0, A.R1)
+
+    def store_bits(self) -> None:
+        """The source's active bits back to the map if the packet changed them (none left: the entry goes)."""
+        a = self.a
+        assert self.maps.active is not None
+        a.ldx(A.DW, A.R1, A.R10, _BITS)
+        a.ldx(A.DW, A.R2, A.R10, _BITS0)
+        a.jmp_reg(A.JEQ, A.R1, A.R2, "out")
+        gone = self.fresh("bits_gone")
+        a.jmp_imm(A.JEQ, A.R1, 0, gone)
+        a.map_call(A.FN_map_update_elem, self.maps.active, _ACT, _BITS, flags=0)  # BPF_ANY
+        a.ja("out")
+        a.label(gone)
+        a.map_call(A.FN_map_delete_elem, self.maps.active, _ACT)
 
     def visible(self, d: MatchDoor, invisible: str) -> None:
         """Fall through when door ``d`` can see the packet, else jump to ``invisible``."""
@@ -437,7 +499,8 @@ class _Gen:
         a.ja("out")
         a.label(ours)
 
-    def door(self, door_id: int, d: MatchDoor) -> None:
+    def door(self, door_id: int, d: MatchDoor, slot: int | None) -> None:
+        """Door ``d``'s part; ``slot``: its bit in the source's active bits (None: no active map)."""
         a = self.a
         steps = [_step(s.proto, s.port) for s in d.sequence]
         n = len(steps)
@@ -451,8 +514,22 @@ class _Gen:
             self.emit("open", stage=1)
             a.label(done)
             return
+        missing = first
+        if slot is not None:
+            # Bit clear: this source has no attempt of this door, so no lookup (the cost that grew with doors).
+            has, missing = self.fresh("has_bit"), self.fresh("stale_bit")
+            a.ldx(A.DW, A.R1, A.R10, _BITS)
+            if slot:
+                a.alu64_imm(A.RSH, A.R1, slot)
+            a.alu64_imm(A.AND, A.R1, 1)
+            a.jmp_imm(A.JNE, A.R1, 0, has)
+            a.ja(first)
+            a.label(missing)  # a bit whose attempt went (the sweep, the LRU): cleared on the way
+            self.bit(slot, False)
+            a.ja(first)
+            a.label(has)
         self.a.map_call(A.FN_map_lookup_elem, self.maps.attempts, _KEY_OFF)
-        a.jmp_imm(A.JEQ, A.R0, 0, first)
+        a.jmp_imm(A.JEQ, A.R0, 0, missing)
         a.mov64_reg(A.R7, A.R0)
         a.ldx(A.W, A.R1, A.R7, 8)
         a.stx(A.W, A.R10, _STAGE, A.R1)
@@ -467,8 +544,8 @@ class _Gen:
         fresh = self.fresh("not_again")
         a.ldx(A.W, A.R1, A.R10, _PROTO)
         a.jmp_imm(A.JNE, A.R1, TCP, fresh)
-        for slot, off in ((_SEQ, 12), (_SPORT, 16), (_DPORT, 20)):
-            a.ldx(A.W, A.R1, A.R10, slot)
+        for field, off in ((_SEQ, 12), (_SPORT, 16), (_DPORT, 20)):
+            a.ldx(A.W, A.R1, A.R10, field)
             a.ldx(A.W, A.R2, A.R7, off)
             a.jmp_reg(A.JNE, A.R1, A.R2, fresh)
         a.ja(done)
@@ -490,12 +567,12 @@ class _Gen:
         self.emit("stage")
         a.ldx(A.W, A.R1, A.R10, _STAGE)
         a.jmp_imm(A.JNE, A.R1, n, done)
-        self.delete_attempt()
+        self.delete_attempt(slot)
         self.emit("open", stage=n)
         a.ja(done)
 
         a.label(timeout)
-        self.delete_attempt()
+        self.delete_attempt(slot)
         self.emit("timeout")
         a.ja(first)
 
@@ -511,7 +588,7 @@ class _Gen:
         self.emit("stage", stage=1)
         a.ja(done)
         a.label(gone)
-        self.delete_attempt()
+        self.delete_attempt(slot)
         self.emit("reset")
         a.ja(done)  # not a first step the door sees: nothing starts
 
@@ -522,16 +599,27 @@ class _Gen:
         a.st_imm(A.W, A.R10, _VAL + 8, 1)
         self.copy_last(A.R10, _VAL)
         self.a.map_call(A.FN_map_update_elem, self.maps.attempts, _KEY_OFF, _VAL, flags=0)  # BPF_ANY
+        if slot is not None:
+            self.bit(slot, True)
         self.emit("stage", stage=1)
         a.label(done)
 
 
-def build(doors: Sequence[tuple[int, MatchDoor]], maps: Maps) -> bytes:
+def build(doors: Sequence[tuple[int, MatchDoor]], maps: Maps, slots: Mapping[int, int] | None = None) -> bytes:
     """The program for ``doors`` (``(id, door)`` in config order), using ``maps``.
 
-    Doors without steps are left out (as the matcher: nothing starts them).
+    With ``maps.active``, ``slots`` gives each door id its bit (0-63) in a
+    source's active bits: a door whose bit is clear costs a packet no
+    attempt lookup. Keep a door's slot while its id lives, so that its
+    attempts stay found across programs. Doors without steps are left out
+    (as the matcher: nothing starts them).
     """
     doors = [(i, d) for i, d in doors if d.sequence]
+    if maps.active is not None:
+        if slots is None or any(not 0 <= slots.get(i, -1) < MAX_SLOTS for i, _ in doors):
+            raise ValueError(f"each door needs a slot from 0 to {MAX_SLOTS - 1} with an active map")
+        if len({slots[i] for i, _ in doors}) != len(doors):
+            raise ValueError("two doors share a slot")
     g = _Gen(maps)
     a = g.a
     g.parse()
@@ -540,8 +628,12 @@ def build(doors: Sequence[tuple[int, MatchDoor]], maps: Maps) -> bytes:
     g.counters()
     g.count(_C_PACKETS)
     g.clock()
+    if maps.active is not None:
+        g.load_bits()
     for door_id, d in doors:
-        g.door(door_id, d)
+        g.door(door_id, d, slots[door_id] if maps.active is not None else None)  # type: ignore[index]
+    if maps.active is not None:
+        g.store_bits()
     a.label("out")
     a.ret(0)  # never queue the packet: events are all user space gets
     return a.assemble()

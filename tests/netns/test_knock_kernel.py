@@ -103,16 +103,57 @@ def test_unsuitable_configurations_say_why():
     assert "SPA port" in unsuitable([SSH], source_bound=False, spa_port_knocked=True)
     assert "no door" in unsuitable([], source_bound=False, spa_port_knocked=False)
     many = [MatchDoor(f"d{i}", (PortSpec(10000 + i),), 5.0) for i in range(knock_kernel.MAX_DOORS + 1)]
-    assert "takes up to" in unsuitable(many, source_bound=False, spa_port_knocked=False)
+    assert "takes up to 32" in unsuitable(many, source_bound=False, spa_port_knocked=False)
     assert unsuitable(many[:-1], source_bound=False, spa_port_knocked=False) is None
+    # With rotating doors the program is loaded again at each window: fewer doors.
+    rotating = many[:knock_kernel.MAX_ROTATING_DOORS + 1]
+    assert "window boundary" in unsuitable(rotating, source_bound=False, spa_port_knocked=False, rotating=True)
+    assert unsuitable(rotating[:-1], source_bound=False, spa_port_knocked=False, rotating=True) is None
 
 
 def test_the_most_doors_it_takes_load(km):
     doors = [MatchDoor(f"d{i}", (PortSpec(10000 + 3 * i), PortSpec(10001 + 3 * i, "udp"), PortSpec(10002 + 3 * i)),
                        5.0, guards=(PortSpec(20000 + i),)) for i in range(knock_kernel.MAX_DOORS)]
     assert km.set_doors(doors)
-    knock(km, "198.51.100.60", 10000 + 3 * 15)
-    assert [(e.kind, e.door) for _, e in km.read()] == [("stage", "d15")]
+    assert sorted(km.slots.values()) == list(range(knock_kernel.MAX_DOORS))
+    for i in (15, 31):
+        knock(km, "198.51.100.60", 10000 + 3 * i)
+        knock(km, "198.51.100.60", 10001 + 3 * i, "udp")
+        knock(km, "198.51.100.60", 10002 + 3 * i)
+        assert [(e.kind, e.door, e.stage) for _, e in km.read()] == [
+            ("stage", f"d{i}", 1), ("stage", f"d{i}", 2), ("stage", f"d{i}", 3), ("open", f"d{i}", 3)]
+
+
+def test_a_door_keeps_its_slot_and_its_attempts_when_doors_come_and_go(km):
+    """Slots (bits in a source's active record) stay with a door's id: its attempts are still found after
+    doors are added in front of it or removed; a retired door's slot goes to a new door."""
+    a = MatchDoor("a", (PortSpec(7000), PortSpec(8000), PortSpec(9000)), 5.0)
+    b = MatchDoor("b", (PortSpec(7100), PortSpec(7200)), 5.0)
+    assert km.set_doors([b, a])
+    slot_a = km.slots[next(i for i, n in km.names.items() if n == "a")]
+    knock(km, "198.51.100.70", 7000)
+    extra = [MatchDoor(f"x{i}", (PortSpec(11000 + i), PortSpec(12000 + i)), 5.0) for i in range(5)]
+    assert km.set_doors([*extra, a])  # b retired, five new doors in front of a
+    assert km.slots[next(i for i, n in km.names.items() if n == "a" and i in km.slots)] == slot_a
+    assert len(set(km.slots.values())) == 6
+    knock(km, "198.51.100.70", 8000)
+    knock(km, "198.51.100.70", 9000)
+    skey = key_of(ipaddress.ip_address("198.51.100.70"))
+    assert [tuple(e) for _, e in km.read()] == [("stage", "a", skey, 1), ("stage", "a", skey, 2),
+                                               ("stage", "a", skey, 3), ("open", "a", skey, 3)]
+    assert list(km.active.keys()) == []  # the source has no attempt left: its entry went with the open
+
+
+def test_an_attempt_the_sweep_took_leaves_a_bit_that_clears_on_the_next_packet(km):
+    short = MatchDoor("short", (PortSpec(7100), PortSpec(7200), PortSpec(7300)), 0.05)
+    assert km.set_doors([short])
+    knock(km, "198.51.100.71", 7100)
+    km.read()
+    assert len(list(km.active.keys())) == 1
+    [(_, e)] = km.expire(now=time.monotonic() + 1.0)
+    assert e.kind == "timeout" and list(km.attempts.keys()) == [] and len(list(km.active.keys())) == 1
+    knock(km, "198.51.100.71", 7200)  # not the first step, and no attempt: nothing, as the Python matcher
+    assert km.read() == [] and list(km.active.keys()) == []  # the stale bit cleared, and the entry with it
 
 
 def test_the_sweep_reports_attempts_that_stopped_and_keeps_the_others(km):
@@ -285,3 +326,15 @@ def test_a_ring_that_cannot_be_read_is_skipped_not_raised(km, monkeypatch):
     monkeypatch.undo()
     knock(km, "198.51.100.71", 7000, sport=40001)
     assert [e.kind for _, e in km.read()] == ["reset", "stage"]
+
+
+def test_with_rotating_doors_the_program_does_without_active_bits(km):
+    """Loaded again at every window boundary, the program for a configuration with rotating doors is the
+    one the kernel checks fastest: every door's attempt looked up, no active bits kept."""
+    assert km.set_doors([SSH], rotating=True)
+    knock(km, "198.51.100.72", 7000)
+    assert [e.kind for _, e in km.read()] == ["stage"] and list(km.active.keys()) == []
+    assert not km.set_doors([SSH], rotating=True)  # nothing changed
+    assert km.set_doors([SSH])  # the other kind of program
+    knock(km, "198.51.100.73", 7000)
+    assert [e.kind for _, e in km.read()] == ["stage"] and len(list(km.active.keys())) == 1

@@ -45,25 +45,38 @@ MS = 1_000_000
 
 
 class Kernel:
-    """The maps once; a program per set of doors."""
+    """The maps once; a program per set of doors. ``bitmap``: with the active map, as the daemon runs it
+    (door slots spread over all 64 bits), else every door's attempt looked up for every packet."""
 
-    def __init__(self) -> None:
+    def __init__(self, bitmap: bool = True) -> None:
         self.attempts = E.Map.create(E.LRU_HASH, KP.ATTEMPT_KEY_SIZE, KP.ATTEMPT_VALUE_SIZE, 1 << 14, name="t_att")
         self.opens = E.RingBuffer.create(1 << 16, name="t_opens")
         self.notes = E.RingBuffer.create(1 << 16, name="t_notes")
         self.counters = E.Map.create(E.ARRAY, 4, KP.COUNTERS_VALUE_SIZE, 1, name="t_cnt")
         self.local = E.Map.create(E.HASH, KP.LOCAL_KEY_SIZE, 1, 16, name="t_local")
         self.clock = E.Map.create(E.ARRAY, 4, 8, 1, name="t_clock")
+        self.active = (E.Map.create(E.LRU_HASH, KP.LOCAL_KEY_SIZE, KP.ACTIVE_VALUE_SIZE, 1 << 14, name="t_active")
+                       if bitmap else None)
         for a in LOCAL:
             self.local.update(KP.local_key(a), b"\1")
         self.maps = KP.Maps(self.attempts.fileno(), self.opens.map.fileno(), self.notes.map.fileno(),
-                            self.counters.fileno(), self.local.fileno(), self.clock.fileno())
+                            self.counters.fileno(), self.local.fileno(), self.clock.fileno(),
+                            self.active.fileno() if self.active is not None else None)
         self.program: E.Program | None = None
         self.names: dict[int, str] = {}
 
+    def slots(self, ids) -> dict[int, int] | None:
+        """Door id -> slot: spread so that high bits (past 31: a 64-bit mask) are used too."""
+        return {i: (i * 23 + 40) % KP.MAX_SLOTS for i in ids} if self.active is not None else None
+
+    def build(self, ids: list[tuple[int, MatchDoor]]) -> E.Program:
+        return E.Program.load(KP.build(ids, self.maps, self.slots(i for i, _ in ids)), name="t_knocks")
+
     def load(self, doors: list[MatchDoor]) -> None:
-        for k in list(self.attempts.keys()):
-            self.attempts.delete(k)
+        for m in (self.attempts, self.active):
+            if m is not None:
+                for k in list(m.keys()):
+                    m.delete(k)
         self.counters.update(struct.pack("=I", 0), bytes(KP.COUNTERS_VALUE_SIZE))
         self.opens.read(1 << 16)
         self.notes.read(1 << 16)
@@ -71,7 +84,7 @@ class Kernel:
             self.program.close()
         ids = list(enumerate(doors, 1))
         self.names = {i: d.name for i, d in ids}
-        self.program = E.Program.load(KP.build(ids, self.maps), name="t_knocks")
+        self.program = self.build(ids)
 
     def feed(self, packet: bytes, t_ns: int) -> list[tuple]:
         assert self.program is not None
@@ -92,14 +105,15 @@ class Kernel:
         return KP.decode_counters(value)[name]
 
     def close(self) -> None:
-        for m in (self.program, self.attempts, self.opens, self.notes, self.counters, self.local, self.clock):
+        for m in (self.program, self.attempts, self.opens, self.notes, self.counters, self.local, self.clock,
+                  self.active):
             if m is not None:
                 m.close()
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    k = Kernel()
+@pytest.fixture(scope="module", params=[True, False], ids=["bitmap", "lookup-all"])
+def kernel(request):
+    k = Kernel(bitmap=request.param)
     try:
         yield k
     finally:
@@ -234,8 +248,7 @@ def test_attempts_of_a_door_that_keeps_its_id_survive_a_new_program(kernel):
     src = "198.51.100.8"
     kernel.feed(ipv4(17, udp(40000, 7000), src, str(HERE)), 1_000 * MS)
     names = kernel.names
-    kernel.program = E.Program.load(KP.build([(1, door), (2, MatchDoor("b", (PortSpec(9000),), 5.0))],
-                                             kernel.maps), name="t_knocks")
+    kernel.program = kernel.build([(1, door), (2, MatchDoor("b", (PortSpec(9000),), 5.0))])
     kernel.names = {**names, 2: "b"}
     skey = key_of(ipaddress.ip_address(src))
     assert kernel.feed(ipv4(17, udp(40000, 8000), src, str(HERE)), 1_001 * MS) == [
