@@ -242,6 +242,68 @@ def kernel_cost(doors_text: str, floods: dict[str, str], frames: int = 4096) -> 
     return out
 
 
+def kernel_doors_cost(counts: tuple[int, ...] = (3, 16, 64), frames: int = 4000) -> list[dict[str, float]]:
+    """The kernel knock matcher's program against the number of doors, with and without the per-source door
+    bits (root): ns per packet on spoofed first-port and sequence-port frames (``BPF_PROG_TEST_RUN``, one
+    system call a frame, cold: an upper bound, a return-only program's time taken off), and the time the
+    kernel takes to check (load) the program. Doors of three TCP steps each."""
+    from dataclasses import replace
+
+    from spa import knock_program as KP
+    from spa.grant import PortSpec
+    from spa.matcher import MatchDoor
+    from spa.server import ebpf
+    from tests.rawip import ipv4, tcp
+
+    here = "192.0.2.1"
+    rng = random.Random(1)
+    floor = ebpf.Program.load(ebpf.RETURN_ZERO, name="spa_floor")
+    out = []
+    try:
+        for n in counts:
+            doors = [(i + 1, MatchDoor(f"d{i}", tuple(PortSpec(20000 + 3 * i + k) for k in range(3)), 5.0))
+                     for i in range(n)]
+            floods = {"first": [20000], "seq": [20000 + k for k in range(9)]}
+            frames_by = {kind: [bytes(12) + b"\x08\x00" + ipv4(6, tcp(40000 + i % 1000, rng.choice(ports), seq=i),
+                                                              f"198.51.{100 + i % 2}.{i % 250 + 1}", here)
+                                for i in range(frames)] for kind, ports in floods.items()}
+            for bits in (False, True):
+                owned = [ebpf.Map.create(ebpf.LRU_HASH, KP.ATTEMPT_KEY_SIZE, KP.ATTEMPT_VALUE_SIZE, 1 << 16),
+                         ebpf.RingBuffer.create(1 << 20), ebpf.RingBuffer.create(1 << 22),
+                         ebpf.Map.create(ebpf.ARRAY, 4, KP.COUNTERS_VALUE_SIZE, 1),
+                         ebpf.Map.create(ebpf.HASH, KP.LOCAL_KEY_SIZE, 1, 16),
+                         ebpf.Map.create(ebpf.LRU_HASH, KP.LOCAL_KEY_SIZE, KP.ACTIVE_VALUE_SIZE, 1 << 16)]
+                attempts, opens, notes, counters, local, active = owned
+                try:
+                    local.update(KP.local_key(ipaddress.ip_address(here)), b"\1")
+                    maps = KP.Maps(attempts.fileno(), opens.map.fileno(), notes.map.fileno(), counters.fileno(),
+                                   local.fileno(), active=active.fileno())
+                    code = (KP.build(doors, maps, {i: i - 1 for i, _ in doors}) if bits
+                            else KP.build(doors, replace(maps, active=None)))
+                    t = time.perf_counter()
+                    prog = ebpf.Program.load(code, name="spa_doors")
+                    row = {"doors": n, "bits": bits, "load_ms": (time.perf_counter() - t) * 1e3}
+                    try:
+                        for kind, fs in frames_by.items():
+                            total = fl = 0
+                            for i, f in enumerate(fs):
+                                total += prog.test_run(f)[1]
+                                fl += floor.test_run(f)[1]
+                                if i % 500 == 499:  # make room; not timed
+                                    opens.read(1 << 16)
+                                    notes.skip()
+                            row[kind] = max(0.0, total - fl) / len(fs)
+                    finally:
+                        prog.close()
+                    out.append(row)
+                finally:
+                    for m in owned:
+                        m.close()
+    finally:
+        floor.close()
+    return out
+
+
 def screen_cost(n: int = 2048) -> dict[str, float]:
     """What one forgery under a known key hint costs (root): the daemon's Python checks against the SPA
     port's eBPF screen, on the same datagrams, in this process.
@@ -368,6 +430,10 @@ def main() -> int:
         for kind, v in kernel_cost(config_for("spa"), {"six sequence ports": SEQ_PORTS, "first port": FIRST_PORT}).items():
             print(f"{kind}: the kernel matcher's program alone: {v['ns']:.0f} ns per packet"
                   f" ({v['events_per_packet']:.2f} events per packet; test-run floor {v['floor_ns']:.0f} ns taken off)")
+        for r in kernel_doors_cost():
+            print(f"kernel matcher, {r['doors']} doors, {'per-source door bits' if r['bits'] else 'a lookup per door'}:"
+                  f" first port {r['first']:.0f} ns, sequence ports {r['seq']:.0f} ns a packet;"
+                  f" the kernel's check {r['load_ms']:.0f} ms")
         c = screen_cost()
         print(f"forgery under a known key hint: {c['python_us']:.1f} µs in the daemon's Python checks (classic"
               f" filter), {c['kernel_ns']:.0f} ns in the eBPF screen ({c['python_us'] * 1e3 / c['kernel_ns']:.1f}×);"
