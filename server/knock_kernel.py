@@ -44,7 +44,7 @@ NOTES_PER_SECOND = 2000
 NOTES_INTERVAL = 0.05
 #: Doors (as the matcher has them) the kernel matcher takes. With the active bits
 #: (``spa.knock_program``) a packet looks up only the attempts its source has, so the cost of a packet
-#: stays flat (0.55-0.85 µs here from 3 to 64 doors, against 1.2-1.9 µs at 16 and 2.6-4.1 µs at 64
+#: stays flat (0.55-1.0 µs here from 16 to 64 doors, against 1.2-2.6 µs at 16 and 2.6-4.8 µs at 64
 #: without: ``bench/capture_cost.py``);
 #: the kernel's check of the program grows with the square of the doors (32 doors: about 0.4 s to
 #: load, at start and on SIGHUP). With rotating doors the program is loaded again at every window

@@ -190,9 +190,9 @@ def _add_block(a: A.Asm, h: tuple[int, ...], lo: int, hi: int) -> None:
         a.alu64_reg(A.ADD, limb, A.R0)
 
 
-def _carry(a: A.Asm, h: tuple[int, ...], c: int) -> None:
-    """Carry h0 -> h1 -> ... -> h4 -> 5 * h0 -> h1 (h1 may end just above 26 bits, as in donna)."""
-    for k in range(4):
+def _carry(a: A.Asm, h: tuple[int, ...], c: int, start: int = 0) -> None:
+    """Carry h[start] -> ... -> h4 -> 5 * h0 -> h1 (h1 may end just above 26 bits, as in donna)."""
+    for k in range(start, 4):
         a.mov64_reg(c, h[k])
         a.alu64_imm(A.RSH, c, 26)
         a.alu64_imm(A.AND, h[k], _M26)
@@ -211,21 +211,7 @@ def _carry(a: A.Asm, h: tuple[int, ...], c: int) -> None:
 def _finish(a: A.Asm, base: int, h: tuple[int, ...], key: int, g_off: int, out: int) -> None:
     """h fully reduced mod 2**130 - 5, plus s (the key's second half), mod 2**128, to ``base + out``."""
     c, g, mask, notmask = A.R0, A.R6, A.R7, A.R8
-    # Carry once more from h1 on, so that every limb is below 2**26.
-    for k in range(1, 4):
-        a.mov64_reg(c, h[k])
-        a.alu64_imm(A.RSH, c, 26)
-        a.alu64_imm(A.AND, h[k], _M26)
-        a.alu64_reg(A.ADD, h[k + 1], c)
-    a.mov64_reg(c, h[4])
-    a.alu64_imm(A.RSH, c, 26)
-    a.alu64_imm(A.AND, h[4], _M26)
-    a.alu64_imm(A.MUL, c, 5)
-    a.alu64_reg(A.ADD, h[0], c)
-    a.mov64_reg(c, h[0])
-    a.alu64_imm(A.RSH, c, 26)
-    a.alu64_imm(A.AND, h[0], _M26)
-    a.alu64_reg(A.ADD, h[1], c)
+    _carry(a, h, c, start=1)  # once more from h1 on, so that every limb is below 2**26
     # g = h + 5 - 2**130: when it does not borrow, h was at least p and g is h mod p.
     a.mov64_imm(c, 5)
     for k in range(5):

@@ -68,6 +68,7 @@ from ipaddress import IPv4Address, IPv6Address
 from spa import ebpf_asm as A
 from spa.knock import V6_KEY
 from spa.matcher import MatchDoor, MatchEvent
+from spa.socket_filter import ip_start
 
 __all__ = ["Maps", "build", "decode_event", "decode_attempt", "decode_counters", "local_key",
            "door_steps", "ATTEMPT_KEY_SIZE", "ATTEMPT_VALUE_SIZE", "LOCAL_KEY_SIZE", "EVENT_SIZE", "COUNTERS",
@@ -116,9 +117,6 @@ _ACT = -148  # the source as an active-map key: words -148..-133, family -132
 _BITS = -160  # the source's door bits as the packet leaves them
 _BITS0 = -168  # and as it found them
 
-_SKB_LEN = 0  # offsetof(struct __sk_buff, len)
-_SKB_PKT_TYPE = 4  # offsetof(struct __sk_buff, pkt_type)
-_PACKET_OTHERHOST = 3
 _RB_FLAGS = 0  # ring buffer output flags: adaptive wake-up (only when the reader has caught up)
 
 
@@ -332,26 +330,7 @@ class _Gen:
     def parse(self) -> None:
         """The packet's fields to the stack and r8 = its step, or on to ``out``; ``spa.packet.fields``'s checks."""
         a = self.a
-        a.mov64_reg(A.R6, A.R1)
-        # A frame for another host's MAC (a promiscuous interface): the host never received it,
-        # so it is no knock (the capture filter's own guard, spa.server.capture.guard).
-        a.ldx(A.W, A.R1, A.R6, _SKB_PKT_TYPE)
-        a.jmp_imm(A.JEQ, A.R1, _PACKET_OTHERHOST, "out")
-        a.ldx(A.W, A.R7, A.R6, _SKB_LEN)  # what was received: the bound for the length fields
-        a.ld_abs(A.B, 0)
-        a.mov64_reg(A.R8, A.R0)
-        a.alu64_imm(A.RSH, A.R8, 4)
-        a.jmp_imm(A.JEQ, A.R8, 4, "v4")
-        a.jmp_imm(A.JEQ, A.R8, 6, "v6")
-        a.ja("out")
-
-        a.label("v4")
-        a.mov64_reg(A.R8, A.R0)
-        a.alu64_imm(A.AND, A.R8, 0x0F)
-        a.alu64_imm(A.LSH, A.R8, 2)  # r8 = header length: where TCP/UDP starts
-        a.jmp_imm(A.JLT, A.R8, 20, "out")
-        a.ld_abs(A.H, 2)
-        a.jmp_reg(A.JGT, A.R0, A.R7, "out")  # total length past what arrived
+        ip_start(a)
         a.jmp_reg(A.JLT, A.R0, A.R8, "out")
         a.mov64_reg(A.R9, A.R0)  # r9 = where the packet ends
         a.ld_abs(A.H, 6)

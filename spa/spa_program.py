@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from spa import aead_program as P
 from spa import ebpf_asm as A
 from spa.protocol import HEADER_SIZE, HINT_SIZE, NONCE_SIZE, PACKET_SIZE, TAG_SIZE, VERSION
+from spa.socket_filter import ip_start
 
 __all__ = ["Maps", "build", "decode_counters", "COUNTERS", "COUNTERS_VALUE_SIZE", "SCRATCH_SIZE",
            "HINT_KEY_SIZE", "AEAD_KEY_SIZE", "NONCE_KEY_SIZE", "NONCE_VALUE_SIZE", "ACCEPT"]
@@ -82,9 +83,6 @@ _NONCE_KEY = -32
 _SLOT = -36
 _CNT = -48  # the counters' address
 
-_SKB_LEN = 0  # offsetof(struct __sk_buff, len)
-_SKB_PKT_TYPE = 4
-_PACKET_OTHERHOST = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,23 +130,7 @@ class _Gen:
     def parse(self) -> None:
         """r8 = where the UDP header starts and r9 = where the IP packet ends, or on to ``out``."""
         a = self.a
-        a.mov64_reg(A.R6, A.R1)
-        a.ldx(A.W, A.R1, A.R6, _SKB_PKT_TYPE)
-        a.jmp_imm(A.JEQ, A.R1, _PACKET_OTHERHOST, "out")
-        a.ldx(A.W, A.R7, A.R6, _SKB_LEN)
-        a.ld_abs(A.B, 0)
-        a.mov64_reg(A.R8, A.R0)
-        a.alu64_imm(A.RSH, A.R8, 4)
-        a.jmp_imm(A.JEQ, A.R8, 4, "v4")
-        a.jmp_imm(A.JEQ, A.R8, 6, "v6")
-        a.ja("out")
-        a.label("v4")
-        a.mov64_reg(A.R8, A.R0)
-        a.alu64_imm(A.AND, A.R8, 0x0F)
-        a.alu64_imm(A.LSH, A.R8, 2)
-        a.jmp_imm(A.JLT, A.R8, 20, "out")
-        a.ld_abs(A.H, 2)
-        a.jmp_reg(A.JGT, A.R0, A.R7, "out")
+        ip_start(a)
         a.mov64_reg(A.R9, A.R0)
         a.ld_abs(A.H, 6)
         a.jmp_imm(A.JSET, A.R0, 0x3FFF, "out")  # a fragment (more to come, or not the first): not whole

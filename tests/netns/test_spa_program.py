@@ -26,6 +26,7 @@ from spa import ebpf_asm as A
 from spa import protocol as PR
 from spa import spa_program as SP
 from spa.server import ebpf as E
+from spa.server.spa_kernel import SpaScreen
 from tests.rawip import HOP_BY_HOP, UDP, ext, ipv4, ipv6, udp
 
 pytestmark = pytest.mark.netns
@@ -109,19 +110,11 @@ def test_poly1305_random(poly, key, message):
 
 # -- the whole screen ------------------------------------------------------------------------
 
-class Screen:
-    def __init__(self) -> None:
-        self.hints = E.Map.create(E.HASH, SP.HINT_KEY_SIZE, SP.AEAD_KEY_SIZE, 64, name="t_hints")
-        self.nonces = E.Map.create(E.LRU_HASH, SP.NONCE_KEY_SIZE, SP.NONCE_VALUE_SIZE, 64, name="t_nonces")
-        self.scratch = E.Map.create(E.PERCPU_ARRAY, 4, SP.SCRATCH_SIZE, 1, name="t_scratch")
-        self.counters = E.Map.create(E.ARRAY, 4, SP.COUNTERS_VALUE_SIZE, 1, name="t_counters")
-        maps = SP.Maps(self.hints.fileno(), self.nonces.fileno(), self.scratch.fileno(), self.counters.fileno())
-        self.program = E.Program.load(SP.build(maps, PORT), name="t_spa_screen")
+class Screen(SpaScreen):
+    """The daemon's screen (``spa.server.spa_kernel``: its maps and program) and what one datagram did to it."""
 
-    def counts(self) -> dict[str, int]:
-        value = self.counters.lookup(bytes(4))
-        assert value is not None
-        return SP.decode_counters(value)
+    def __init__(self) -> None:
+        super().__init__(PORT)
 
     def run(self, ip_packet: bytes) -> tuple[bool, str | None]:
         """(passed, the counter that moved besides ``datagrams``, if any)."""
@@ -133,10 +126,6 @@ class Screen:
         if moved:
             assert after["datagrams"] == before["datagrams"] + 1
         return passed, moved[0] if moved else None
-
-    def close(self) -> None:
-        for thing in (self.program, self.hints, self.nonces, self.scratch, self.counters):
-            thing.close()
 
 
 class Clients:
@@ -158,9 +147,8 @@ def world():
     try:
         for pair in c.pairs:
             for epoch in range(PR.epoch_of(now_ms) - 1, PR.epoch_of(now_ms) + 2):
-                hint = pair.hint(epoch)
-                c.keys[hint] = pair.aead_key
-                s.hints.update(hint, pair.aead_key)
+                c.keys[pair.hint(epoch)] = pair.aead_key
+        s.set_hints(c.keys)
         yield s, c, now_ms
     finally:
         s.close()
@@ -216,7 +204,7 @@ def test_screen_matches_the_reference(world, data):
     if damage == "replay" and passed:
         nonce = packet[1 + PR.HINT_SIZE:PR.HEADER_SIZE]
         c.accepted.add(nonce)
-        screen.nonces.update(nonce, bytes(SP.NONCE_VALUE_SIZE))
+        screen.refuse([nonce])
         assert screen.run(_wrap(packet, v6)) == (False, "replay")
 
 
@@ -249,8 +237,6 @@ def test_what_is_not_a_whole_datagram_to_the_port_is_not_counted(world):
 def test_the_runtime_keeps_its_hint_map_in_step_and_passes_what_the_program_passes():
     """``spa.server.spa_kernel.SpaScreen``: ``set_hints`` leaves exactly the hints given (changed keys
     replaced, the rest deleted), ``refuse`` adds nonces, and the loaded program follows both."""
-    from spa.server.spa_kernel import SpaScreen
-
     c = Clients()
     now_ms = int(time.time() * 1000)
     epoch = PR.epoch_of(now_ms)
