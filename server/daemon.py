@@ -248,7 +248,8 @@ class Daemon:
         self.screen: SpaScreen | None = None
         self._screen_why: str | None = "not started"
         self._screen_capture: Capture | None = None  # the capture that carries its sockets
-        self._screen_epochs: tuple[int, int] | None = None  # the hint index its map was filled from
+        #: The verifier and the epochs of its hint index the screen's map was filled from.
+        self._screen_hints: tuple[Verifier, tuple[int, int]] | None = None
         self._screen_stop_due = False
         self._screen_retired: collections.Counter[str] = collections.Counter()
         self._screen_reported = 0
@@ -377,13 +378,15 @@ class Daemon:
             except ebpf.BpfError as exc:
                 why = f"eBPF unavailable: {exc}"
             else:
-                old, self.screen, self._screen_capture = self.screen, new, None
+                old, self.screen, self._screen_capture, self._screen_hints = self.screen, new, None, None
         if why is None:
             assert self.screen is not None and self.spa is not None and self.capture is not None
             try:
                 now = time.time()
-                self.screen.set_hints(self.spa.verifier.hint_keys(now))
-                self._screen_epochs = self.spa.verifier.index(now)
+                source = (self.spa.verifier, self.spa.verifier.index(now))
+                if source != self._screen_hints:  # a new epoch or a reload, not every rebuild (rotating windows)
+                    self.screen.set_hints(self.spa.verifier.hint_keys(now))
+                    self._screen_hints = source
                 if self._screen_capture is not self.capture:
                     self.capture.set_screen(self.screen.program)
                     self._screen_capture = self.capture
@@ -417,7 +420,7 @@ class Daemon:
             self._sync_sockets()
         self._screen_retired.update(self.screen.counts())
         self.screen.close()
-        self.screen, self._screen_capture, self._screen_epochs = None, None, None
+        self.screen, self._screen_capture, self._screen_hints = None, None, None
 
     def _sync_kernel(self, spa_port_knocked: bool) -> bool:
         """Start, update or stop the kernel knock matcher for the doors now; True while it matches them."""
@@ -646,7 +649,8 @@ class Daemon:
             self.replay.prune(time.time())
             counts, self.spa.aead_by_hint = self.spa.aead_by_hint, collections.Counter()
             drops = self.capture.kernel_stats()["drops"] if self.capture is not None else 0
-            if self.screen is not None and self.spa.verifier.index(time.time()) != self._screen_epochs:
+            if self.screen is not None and self._screen_hints != (self.spa.verifier,
+                                                                    self.spa.verifier.index(time.time())):
                 self.rebuild_filter()  # the hint index moved an epoch: the screen's hint map follows
             elif self.spa_filter.watch_floods(counts, drops, time.time(), self.spa.verifier) or (
                     self._compiled_spa and self.spa_filter.hints_moved(self.spa.verifier, time.time())):

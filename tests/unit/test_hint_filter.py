@@ -340,3 +340,48 @@ def test_without_ebpf_the_spa_port_falls_back_to_the_classic_filter(tmp_path, mo
     finally:
         d.capture = None
         d.close()
+
+
+def test_the_screens_hint_map_follows_the_index_not_every_rebuild(tmp_path, monkeypatch):
+    """With the eBPF screen, the hint map is refilled when the index moves an epoch (at the tick) or the
+    verifier changes, and not on every filter rebuild (addresses, rotating windows). A stand-in screen
+    records what it is given; the real one is tested against the kernel in tests/netns."""
+    import spa.server.daemon as daemon_module
+    from spa.protocol import HINT_EPOCH
+
+    given: list[dict] = []
+
+    class Screen:
+        def __init__(self, port):
+            self.port, self.program = port, object()
+
+        def set_hints(self, hints):
+            given.append(dict(hints))
+
+        def refuse(self, nonces):
+            pass
+
+        def counts(self):
+            return {}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(daemon_module, "SpaScreen", Screen)
+    clock = [1_750_000_015.0]
+    d = _daemon(tmp_path, monkeypatch, clock, screen="auto")
+    d.capture.set_screen = lambda program: None
+    d._sync_sockets = lambda: None  # the fake capture's socket is no file for a selector
+    try:
+        d.rebuild_filter()
+        d.rebuild_filter()
+        assert len(given) == 1 and given[0] == d.spa.verifier.hint_keys(clock[0])
+        assert not d.spa_filter.active  # the capture filter leaves the SPA port to the screen
+        d._tick()
+        assert len(given) == 1
+        clock[0] += HINT_EPOCH
+        d._tick()
+        assert len(given) == 2 and given[1] == d.spa.verifier.hint_keys(clock[0]) and given[1] != given[0]
+    finally:
+        d.capture = None
+        d.close()
