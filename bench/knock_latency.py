@@ -17,7 +17,7 @@ permanent neighbour entry for each, so no sample waits for ARP), with
 sockets made beforehand: a random pause of 50–150 ms (so knockd's 50 ms
 capture timeout is met at a random phase), the three knocks sent as
 ``knock`` sends them (a non-blocking connect per TCP port: one SYN), ``t0``
-right after the last one, then a new non-blocking connect to tcp/22 from the
+just before the last one, then a new non-blocking connect to tcp/22 from the
 same source every millisecond, each on a fresh pre-made socket closed with a
 reset (``bench.knocklab.Prober``), until one completes: ``t1``. The
 latency is ``t1 − t0``; no connect within 2 s is a failure. Doors stay open
@@ -238,7 +238,7 @@ def render_section(results: list[RowResult], info: dict[str, str], samples: int,
         "to close between samples. Per sample: sockets made in the client namespace beforehand; a random",
         "pause of 50–150 ms (random phase against knockd's 50 ms capture timeout); the three knocks sent in",
         "this process as `knock` sends them (a non-blocking connect per port: one SYN each" + span_text + ");",
-        "`t0` right after the last; then a new non-blocking connect to 192.0.2.1:22 from the same source every",
+        "`t0` just before the last (on a veth the daemon can run inside that send); then a new non-blocking connect to 192.0.2.1:22 from the same source every",
         f"{interval * 1e3:g} ms, each on a fresh pre-made socket (closed with a reset), until one completes",
         f"the handshake: `t1`. Latency = `t1 − t0`; no connect within {SAMPLE_LIMIT:g} s is a failure. p90 is",
         "nearest-rank. *Baseline connect*: one connect to a door already open, timed the same way. The polling",

@@ -9,7 +9,7 @@ rotating doors (``rot0``, ``rot1``, ...) that share one shared key
 from a fresh client address with the sequence ``spa.rotating.derive(secret,
 door, counter(now), params)``, derived before the clock starts. Per sample:
 sockets made beforehand, a random pause of 50–150 ms, the four knocks (one
-SYN each), ``t0`` right after the last, a connect to tcp/22 every 1 ms until
+SYN each), ``t0`` just before the last, a connect to tcp/22 every 1 ms until
 one completes: ``t1``; latency ``t1 − t0``, nothing within 2 s a failure.
 
 The *classic* row is ``bench/knock_latency.py``'s ``spa-open`` row (one

@@ -23,7 +23,7 @@ server namespace has a permanent neighbour entry for each), a fresh packet
 asking to open tcp/22 for that address, built before the clock starts
 (ours: ``spa.protocol.build``), a UDP socket bound to the source and
 connect sockets made beforehand; a random pause of 50–150 ms (a random phase
-against fwknopd's 100 ms loop sleep); ``t0`` right after ``sendto``; then a
+against fwknopd's 100 ms loop sleep); ``t0`` just before ``sendto``; then a
 new non-blocking connect to 192.0.2.1:22 every 1 ms, each on a fresh pre-made
 socket, until one completes: ``t1`` (``bench.knocklab.Prober``). Latency =
 ``t1 − t0``; nothing within 2 s is a failure. Two warm-up samples per row
@@ -285,7 +285,7 @@ def render_section(results: list[RowResult], info: dict[str, str], samples: int,
         "server side), so no door has to close between samples. Per sample, before the clock: a fresh packet",
         "asking for tcp/22 for that source (ours: `spa.protocol.build`, new nonce), a UDP socket bound to the",
         "source, connect sockets; then a random pause of 50–150 ms (random phase against fwknopd's 100 ms loop",
-        f"sleep); `t0` right after `sendto`; a new non-blocking connect every {interval * 1e3:g} ms on a fresh",
+        f"sleep); `t0` just before `sendto` (on a veth the daemon can run inside it); a new non-blocking connect every {interval * 1e3:g} ms on a fresh",
         f"pre-made socket until one completes: `t1`. Latency = `t1 − t0`; nothing within {SAMPLE_LIMIT:g} s is a",
         "failure. p90 is nearest-rank. *Baseline connect*: a connect to a door already open, timed the same way.",
         "",

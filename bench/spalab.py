@@ -76,9 +76,16 @@ class UdpSender:
         self.addr = (server, port)
 
     def send(self, data: bytes) -> float:
-        """Send; ``perf_counter()`` right after the datagram went out."""
+        """Send; ``perf_counter()`` read just before ``sendto``.
+
+        Not after: on a veth the receiving side runs inside the sender's
+        ``sendto``, and a daemon woken there can run, on this CPU, before the
+        call returns, so a clock read after it can miss a millisecond of the
+        daemon's work.
+        """
+        t0 = time.perf_counter()
         self.sock.sendto(data, self.addr)
-        return time.perf_counter()
+        return t0
 
     def close(self) -> None:
         self.sock.close()

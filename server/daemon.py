@@ -271,13 +271,12 @@ class Daemon:
         for nonce, until in journal.replay_entries(now):
             self.replay.add(nonce, until)
         if journal.begin_session(boot_id()):
-            # Nonces are written ahead of their grants without an fsync: after the machine
-            # went down under us the last few may be lost, so nothing made before now is taken.
+            # A nonce reaches the disk a moment after its grant opens (or ahead of it without an
+            # fsync): after a crash the last few may be lost, so nothing made before now is taken.
             self.spa_not_before = now
         if self.spa_not_before and self.spa is not None:
-            log.warning("the previous run ended without a clean stop and the machine has restarted since: "
-                        "SPA packets made before %s are refused (a nonce written just before may be lost)",
-                        time.strftime("%H:%M:%S", time.localtime(now)))
+            log.warning("the previous run ended without a clean stop: SPA packets made before %s are refused "
+                        "(a nonce written just before may be lost)", time.strftime("%H:%M:%S", time.localtime(now)))
         if self.spa is not None:
             self.spa.verifier.not_before = self.spa_not_before
         self.monitor = netlink.Monitor()
@@ -758,7 +757,8 @@ class Daemon:
         via = f"SPA key {acc.key_id}" + (f" ({acc.comment})" if acc.comment else "")
         grant = door_grant(door, acc.address, acc.duration, via) if door is not None else None
         if grant is not None:
-            self.manager.submit(grant, (acc.nonce, acc.remember_until))
+            # Opened right here when the worker is idle: handing it over costs more than the opening.
+            self.manager.submit(grant, (acc.nonce, acc.remember_until), prompt=True)
         else:  # a door that only logs: the nonce is still kept, off the loop
             self._io.submit(self.manager.journal.remember, [(acc.nonce, acc.remember_until)])
         if self.screen is not None:
@@ -867,7 +867,7 @@ class Daemon:
             self._io.submit(self._mark_used, door, onetime, line_no, nxt, grant)
             return True
         if grant is not None:
-            self.manager.submit(grant, defer=extension)
+            self.manager.submit(grant, defer=extension, prompt=True)
         return True
 
     def _rotating_opened(self, c: rotating_match.Candidate, e: MatchEvent) -> None:
@@ -888,7 +888,7 @@ class Daemon:
         grant = door_grant(door, e.source, via=f"rotating key {c.key_id}, window {c.counter}")
         if grant is not None:
             # Burned in memory already; on disk with the grant, right after the firewall opens.
-            self.manager.submit(grant, (token, until), nonce_first=False)
+            self.manager.submit(grant, (token, until), nonce_first=False, prompt=True)
         else:
             self._io.submit(self.manager.journal.remember, [(token, until)])
         self.stats["opens"] += 1
@@ -998,6 +998,9 @@ class Daemon:
                    {(): self.matcher.evictions}),
             Metric("spa_grants_active", "gauge", "Grants open now.", {(): active}),
             Metric("spa_grants_total", "counter", "Grants opened or extended.", {(): c["grants_total"]}),
+            Metric("spa_grants_prompt_total", "counter",
+                   "Of those, grants the capture loop opened itself (nftables through netlink, worker idle).",
+                   {(): c["grants_prompt"]}),
             Metric("spa_repeated_opens_total", "counter",
                    "Doors completed again by the same source soon after opening: counted, not acted on.",
                    {(): self.stats["opens_repeated"]}),

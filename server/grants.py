@@ -6,11 +6,19 @@ thread does the firewall work, closes grants at their deadlines and
 periodically checks that the firewall still holds what we put there
 (fail2ban's check/repair), putting it back when someone flushed the ruleset.
 
+``submit(prompt=True)`` lets the capture loop open a new grant itself when
+the worker is idle and the backend can do it in one bounded in-kernel
+transaction (nft through netlink: a set element created with its timeout,
+about 0.1 ms); the worker journals it right after. Waking the worker thread
+on the other CPU and handing it the GIL cost more than the opening itself.
+
 The journal is the truth about what is open. A command grant is written
 there before the firewall is touched; native grants (nft, iptables) right
 after, because the kernel holds their deadline anyway (see ``grant_many``).
 An SPA grant's nonce is committed before the firewall opens, without waiting
-for the disk (``Journal.remember(durable=False)``). At start-up ``reconcile()``
+for the disk (``Journal.remember(durable=False)``), or, when the capture loop
+opened it, with the grant right after; the daemon's session record covers
+the moment in between (``Journal.begin_session``). At start-up ``reconcile()``
 closes what is overdue and reschedules the rest, so after ``kill -9`` a grant stays open no
 longer than its deadline (nft and iptables: the kernel stops matching at the
 deadline) or until the next start (command backend).
@@ -78,6 +86,8 @@ class GrantManager:
         self._nonces: list[tuple[bytes, float]] = []
         # Replay entries that may follow their grant to disk (used rotating sequences).
         self._late: list[tuple[bytes, float]] = []
+        # Grants the capture loop opened itself, waiting to be journaled (with their replay entries).
+        self._opened: list[tuple[ActiveGrant, Grant, tuple[bytes, float] | None]] = []
         self._heap: list[tuple[float, str, str]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -140,7 +150,7 @@ class GrantManager:
     # -- granting ------------------------------------------------------------
 
     def submit(self, grant: Grant, nonce: tuple[bytes, float] | None = None, *, nonce_first: bool = True,
-               defer: bool = False) -> None:
+               defer: bool = False, prompt: bool = False) -> None:
         """Queue a grant; returns at once (safe from the capture loop).
 
         ``nonce`` is a replay-cache entry ``(nonce, until)``. With
@@ -152,7 +162,12 @@ class GrantManager:
         ends more than ``DEFER_DELAY`` from now; it goes out ``DEFER_DELAY``
         later at most, with the other deferred ones, ``DEFER_CHUNK`` to a
         transaction. A grant not deferred goes first.
+
+        ``prompt``: open it here and now if that is cheap and nothing waits
+        for the worker (``_open_promptly``); queued as above otherwise.
         """
+        if prompt and not defer and self._open_promptly(grant, nonce):
+            return
         with self._cond:
             if defer and nonce is None:
                 if grant.key not in self._pending:
@@ -174,6 +189,71 @@ class GrantManager:
                 self._pending.popitem(last=False)
                 self.counters["grants_dropped"] += 1
             self._cond.notify()
+
+    def _open_promptly(self, grant: Grant, nonce: tuple[bytes, float] | None) -> bool:
+        """Open a new native grant in the caller's thread; False (nothing done) when it must be queued.
+
+        Only when the worker has nothing waiting and does not hold the
+        firewall (so the caller never waits for a batch or an fsync), the
+        backend's opening is one bounded kernel transaction, and the firewall
+        holds none of the grant (an extension goes through ``regrant`` on the
+        worker). The grant's deadline is held by the kernel from this moment;
+        it reaches the journal, with its replay entry, when the worker wakes.
+        """
+        backend = self.native
+        if grant.commands is not None or backend is None or not backend.prompt:
+            return False
+        with self._cond:
+            if self._pending or self._opened or self._stopping:
+                return False
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            held = ActiveGrant.start(grant, self._clock())
+            if not backend.open_new(held):
+                return False  # some of it is open (or the firewall refused): the worker sorts it out
+        finally:
+            self._lock.release()
+        with self._cond:
+            self._opened.append((held, grant, nonce))
+            self._cond.notify()
+        return True
+
+    def _record_opened(self, items: list[tuple[ActiveGrant, Grant, tuple[bytes, float] | None]]) -> None:
+        """Journal the grants ``_open_promptly`` opened, their replay entries in the same commit."""
+        assert self.native is not None
+        with self._lock:
+            entries = self.journal.get_many([(h.door, h.address) for h, _, _ in items])
+            held_all: list[ActiveGrant] = []
+            for held, grant, _ in items:
+                entry = entries.get((held.door, str(held.address)))
+                previous = entry.grant if entry is not None and not entry.closing else None
+                if previous is not None:
+                    # Journaled while its elements were missing (a flushed firewall awaiting repair, a grant
+                    # the worker or ``spa grant`` made a moment ago): keep the later deadline, drop the ports
+                    # no longer granted, as ``grant_many`` would have.
+                    merged = regrant(previous, grant, held.deadline - grant.duration)
+                    if merged != held or set(previous.ports) - set(held.ports):
+                        try:
+                            self.native.open(merged, previous)
+                            self.counters["firewall_ops"] += 1
+                            held = merged
+                        except FirewallError as exc:  # what the loop opened stays open, to its own deadline
+                            self.counters["firewall_failures"] += 1
+                            log.error("extending %s failed: %s", describe(merged), exc)
+                held_all.append(held)
+            try:
+                self.journal.put_many(held_all, self.native.name, [n for _, _, n in items if n is not None])
+            except sqlite3.Error as exc:
+                # Open already; the kernel still closes each one at its deadline.
+                log.error("journal write failed after opening %d grant(s): %s", len(held_all), exc)
+            for h, (_, g, _) in zip(held_all, items):
+                self.counters["firewall_ops"] += 1
+                self.counters["grants_total"] += 1
+                self.counters["grants_prompt"] += 1
+                self._schedule(h)
+                log.info("opened %s until %s%s", describe(h), time.strftime("%H:%M:%S", time.localtime(h.deadline)),
+                         f" ({g.via})" if g.via else "")
 
     def grant(self, grant: Grant) -> ActiveGrant:
         """Open (or extend) ``grant`` now; raises ``FirewallError`` if the firewall refuses."""
@@ -413,7 +493,10 @@ class GrantManager:
     def _drain(self) -> None:
         while True:
             with self._cond:
-                if self._pending:
+                opened, self._opened = self._opened, []
+                if opened:
+                    batch = []
+                elif self._pending:
                     batch = list(self._pending.values())
                     self._pending.clear()
                 elif self._flush_at is not None and time.monotonic() >= self._flush_at:
@@ -426,11 +509,15 @@ class GrantManager:
                         return
                 else:
                     return
-                nonces, late, self._nonces, self._late = self._nonces, self._late, [], []
+                if batch:
+                    nonces, late, self._nonces, self._late = self._nonces, self._late, [], []
             try:
-                self.grant_many(batch, nonces, late)
+                if opened:
+                    self._record_opened(opened)
+                else:
+                    self.grant_many(batch, nonces, late)
             except Exception:  # noqa: BLE001 - the journal or a bug; log and keep the worker alive
-                log.exception("opening a batch of %d grants failed", len(batch))
+                log.exception("journaling or opening a batch of %d grants failed", len(opened or batch))
 
     def _run(self) -> None:
         next_repair = time.monotonic() + self.repair_interval
@@ -438,7 +525,7 @@ class GrantManager:
             with self._cond:
                 if self._stopping:
                     return
-                if not self._pending:
+                if not self._pending and not self._opened:
                     wait = next_repair - time.monotonic()
                     if self._heap:
                         wait = min(wait, self._heap[0][0] - self._clock())

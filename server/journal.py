@@ -6,13 +6,14 @@ classic or rotating, whose deadline the kernel holds anyway), so the next start 
 close it on time even after a power loss (fail2ban runs its database with
 ``synchronous=OFF``; we do not).
 
-An SPA nonce is written ahead of its grant without waiting for the disk
-(``remember(..., durable=False)``): committed to the write-ahead log, it
-survives the process (a crash, ``kill -9``) but not the machine going down
-in the next moments. The daemon's session record covers that case:
-``begin_session`` says whether the previous daemon ended without a clean stop
-in an earlier boot, and the daemon then refuses SPA packets made before it
-started (their nonces may be lost); ``end_session`` flushes everything to disk.
+An SPA nonce reaches the disk either ahead of its grant without waiting for
+the disk (``remember(..., durable=False)``: committed to the write-ahead log,
+it survives the process but not the machine going down in the next moments),
+or with its grant, a moment after the capture loop opened it itself. The
+daemon's session record covers both gaps: ``begin_session`` says whether the
+previous daemon ended without a clean stop, and the daemon then refuses SPA
+packets made before it started (their nonces may be lost); ``end_session``
+flushes everything to disk.
 One row per (door, address). A row whose ``closing`` flag is set is being
 closed; whoever sets the flag (the daemon at the deadline, or ``spa grants
 --revoke`` from another process) runs the close, so a stop command never
@@ -161,11 +162,11 @@ class Journal:
     def begin_session(self, boot_id: str | None) -> bool:
         """Record that a daemon now runs, in boot ``boot_id`` (None: unknown).
 
-        True when nonces written without an fsync may have been lost: the
-        previous daemon did not stop cleanly and the machine has restarted
-        since (or its boot cannot be told). A first start, an older journal
-        without a session record, and a crash with the machine still up
-        (the write-ahead log survives the process) give False.
+        True when replay-cache entries may have been lost: the previous
+        daemon did not stop cleanly (a crash, ``kill -9``, the machine going
+        down), so a grant it opened in its last moments may have no nonce on
+        disk. A first start, an older journal without a session record, and
+        a clean stop give False. ``boot_id`` is kept for the record only.
         """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -179,7 +180,7 @@ class Journal:
                 raise
         if not before:
             return False
-        return before.get("clean") != "1" and (boot_id is None or before.get("boot") != boot_id)
+        return before.get("clean") != "1"
 
     def end_session(self) -> None:
         """A clean stop: flush every commit made without an fsync, and say so for the next start."""

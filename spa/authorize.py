@@ -198,7 +198,7 @@ class Verifier:
         request = sealed.request
         skew = protocol.check_time(request, now, self.window)
         if request.time < self.not_before:
-            raise PacketRejected("restart", "made before the server came back from a crash of the machine "
+            raise PacketRejected("restart", "made before the server restarted after an unclean stop "
                                  "(its nonce may be lost, so it could be a replay): send a new one")
         # No second replay lookup: the AEAD has just authenticated the very
         # nonce looked up in step 1, and the cache has not changed since.

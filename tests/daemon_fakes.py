@@ -18,9 +18,10 @@ class FakeManager:
         self.remembered: list = []
         self.journal = self
         self.native = None
-        self.counters = {"grants_total": 0, "firewall_ops": 0, "firewall_failures": 0, "repairs": 0}
+        self.counters = {"grants_total": 0, "grants_prompt": 0, "firewall_ops": 0, "firewall_failures": 0,
+                         "repairs": 0}
 
-    def submit(self, grant, nonce=None, *, nonce_first=True, defer=False) -> None:
+    def submit(self, grant, nonce=None, *, nonce_first=True, defer=False, prompt=False) -> None:
         self.submitted.append((grant, nonce))
         self.deferred.append(defer)
 

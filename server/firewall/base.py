@@ -55,6 +55,19 @@ class Backend(ABC):
         for grant, previous in pairs:
             self.open(grant, previous)
 
+    @property
+    def prompt(self) -> bool:
+        """True when ``open_new`` is one bounded in-kernel transaction, cheap enough for the capture loop."""
+        return False
+
+    def open_new(self, grant: ActiveGrant) -> bool:
+        """Open ``grant`` only if the firewall holds none of it; False when it holds some or cannot say.
+
+        The capture loop's prompt opening (``GrantManager.submit(prompt=True)``);
+        only a backend whose ``prompt`` is True implements it.
+        """
+        return False
+
     @abstractmethod
     def close(self, grant: ActiveGrant) -> None:
         """Close ``grant``; closing what is not open is not an error."""

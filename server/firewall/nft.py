@@ -384,20 +384,32 @@ class NftBackend(Backend):
                 ops.append(_Step("delete", previous, gone, 1))
         return ops
 
+    def _create(self, grant: ActiveGrant) -> bool:
+        """Add ``grant``'s elements in one transaction that fails if any exists; False when it failed."""
+        try:
+            self._write([_Step("create", grant, grant.ports, grant.deadline - self._clock())])
+        except FirewallError:
+            return False
+        return True
+
     def open(self, grant: ActiveGrant, previous: ActiveGrant | None = None) -> None:
-        now = self._clock()
-        if previous is None:
-            # A first grant is usually new to the set: "create" fails if any
-            # element exists, and costs one netlink round trip without the
-            # delete that makes the kernel wait for freed objects (tens of ms
-            # through an nft process). If it exists (another door holds the
-            # port), refresh it instead.
-            try:
-                self._write([_Step("create", grant, grant.ports, grant.deadline - now)])
-                return
-            except FirewallError:
-                pass
-        self._write(self._refresh_ops(grant, previous, now))
+        # A first grant is usually new to the set: "create" fails if any
+        # element exists, and costs one netlink round trip without the
+        # delete that makes the kernel wait for freed objects (tens of ms
+        # through an nft process). If it exists (another door holds the
+        # port), refresh it instead.
+        if previous is None and self._create(grant):
+            return
+        self._write(self._refresh_ops(grant, previous, self._clock()))
+
+    @property
+    def prompt(self) -> bool:
+        # Through netlink a create is one send and one ack (about 0.1 ms); the
+        # nft library path parses JSON and is left to the grant worker.
+        return self._writer is not None
+
+    def open_new(self, grant: ActiveGrant) -> bool:
+        return self._writer is not None and self._create(grant)
 
     def open_many(self, pairs: list[tuple[ActiveGrant, ActiveGrant | None]]) -> None:
         """Every pair in ONE transaction: all open, or none."""

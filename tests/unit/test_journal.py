@@ -66,9 +66,11 @@ def test_nonces_written_without_fsync_survive_the_process_and_leave_it_full(tmp_
     assert Journal(tmp_path).replay_entries(1000.0) == [(b"n" * 24, 2000.0)]
 
 
-def test_session_says_when_unsynced_nonces_may_be_lost(tmp_path):
+def test_session_says_when_nonces_may_be_lost(tmp_path):
     assert not Journal(tmp_path).begin_session("boot-a")  # first start: nothing before
-    assert not Journal(tmp_path).begin_session("boot-a")  # killed, machine still up: the log survived
+    # Killed with the machine still up: a grant the capture loop opened in the last
+    # moment may have had its nonce still on the way to the journal.
+    assert Journal(tmp_path).begin_session("boot-a")
     assert Journal(tmp_path).begin_session("boot-b")  # killed, then the machine restarted
     j = Journal(tmp_path)
     assert j.begin_session(None)  # the previous run never stopped cleanly and the boot is unknown
