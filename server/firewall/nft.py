@@ -44,7 +44,7 @@ from spa.grant import ActiveGrant, PortSpec, decode_label, encode_label
 from spa.server.firewall import run as runner
 from spa.server.firewall.base import Backend
 from spa.server.firewall.libnft import Transport, open_transport
-from spa.server.firewall.nfnetlink import Element, ElementOp, SetElementWriter, element_key
+from spa.server.firewall.nfnetlink import CreateTemplate, Element, ElementOp, SetElementWriter, element_key
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,12 @@ class _Step:
     ports: tuple[PortSpec, ...]
     #: time left for the kernel timeout; each path rounds it up to its unit
     seconds: float
+
+
+def _timeout_ms(seconds: float) -> int:
+    # Exact milliseconds for netlink: the kernel takes them as they are, so the
+    # safety-net timeout ends with the grant, not up to 1 s later. Never zero.
+    return max(1, math.ceil(seconds * 1000))
 
 
 def _elem_key(address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: PortSpec) -> dict[str, Any]:
@@ -105,6 +111,8 @@ class NftBackend(Backend):
         self._clock = clock
         self._nft = transport if transport is not None else open_transport()
         self._writer = self._open_writer(elements)
+        # Laid-out create batches by (door, IP version, ports): a door's grants differ only in address and time.
+        self._templates: dict[tuple[str, int, tuple[PortSpec, ...]], CreateTemplate] = {}
 
     def _open_writer(self, elements: ElementPath) -> SetElementWriter | None:
         if elements == "json":
@@ -346,9 +354,7 @@ class NftBackend(Backend):
         }
 
     def _netlink_op(self, step: _Step) -> ElementOp:
-        # Exact milliseconds: the kernel takes them as they are, so the
-        # safety-net timeout ends with the grant, not up to 1 s later.
-        timeout_ms = None if step.op == "delete" else max(1, math.ceil(step.seconds * 1000))
+        timeout_ms = None if step.op == "delete" else _timeout_ms(step.seconds)
         comment = encode_label(step.grant.door) if step.op in ("add", "create") else None
         elems = tuple(Element(element_key(step.grant.address, p.proto, p.port), timeout_ms, comment) for p in step.ports)
         return ElementOp(step.op, f"allow{step.grant.address.version}", elems)  # type: ignore[arg-type]
@@ -386,11 +392,27 @@ class NftBackend(Backend):
 
     def _create(self, grant: ActiveGrant) -> bool:
         """Add ``grant``'s elements in one transaction that fails if any exists; False when it failed."""
+        seconds = grant.deadline - self._clock()
         try:
-            self._write([_Step("create", grant, grant.ports, grant.deadline - self._clock())])
+            if self._writer is not None and grant.ports:
+                self._writer.create(self._template(grant), grant.address.packed, _timeout_ms(seconds))
+            else:
+                self._write([_Step("create", grant, grant.ports, seconds)])
         except FirewallError:
             return False
         return True
+
+    def _template(self, grant: ActiveGrant) -> CreateTemplate:
+        key = (grant.door, grant.address.version, grant.ports)
+        t = self._templates.get(key)
+        if t is None:
+            if len(self._templates) >= 1024:  # doors come and go with reloads; never grow without bound
+                self._templates.clear()
+            any_address = ipaddress.ip_address(0 if grant.address.version == 4 else "::")
+            tails = [element_key(any_address, p.proto, p.port)[len(any_address.packed):] for p in grant.ports]
+            t = self._templates[key] = CreateTemplate(self.table, f"allow{grant.address.version}",
+                                                      len(any_address.packed), tails, encode_label(grant.door))
+        return t
 
     def open(self, grant: ActiveGrant, previous: ActiveGrant | None = None) -> None:
         # A first grant is usually new to the set: "create" fails if any

@@ -102,6 +102,24 @@ def test_create_on_an_existing_element_falls_back_to_refresh(nft_lab, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_open_new_creates_from_its_template_or_says_no(nft_lab, family):
+    lab, backend = nft_lab
+    client, other, server = FAMILIES[family]
+    assert backend.prompt
+    g = _active(client, 30, door="web door/α", ports="22/tcp 53/udp")
+    assert backend.open_new(g)
+    assert lab.probe(server)
+    assert not backend.open_new(_active(client, 5, door="web door/α", ports="22/tcp 53/udp")), "it exists"
+    assert not backend.open_new(_active(client, 5, door="other", ports="22/tcp")), "one of its elements exists"
+    assert backend.open_new(_active(other, 30, door="web door/α", ports="22/tcp 53/udp"))  # the same template
+    held = sorted(_held(backend), key=lambda h: str(h[1]))
+    assert held == sorted([("web door/α", g.address, g.ports), ("web door/α", _active(other, 1).address, g.ports)],
+                          key=lambda h: str(h[1]))
+    [mine] = [x for x in backend.list() if x.address == g.address]
+    assert g.deadline - 1.1 <= mine.deadline <= g.deadline + 0.1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_open_many_is_one_transaction_for_two_addresses(nft_lab, family):
     lab, backend = nft_lab
     client, other, server = FAMILIES[family]

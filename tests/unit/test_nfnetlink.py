@@ -273,3 +273,32 @@ def test_writer_with_nothing_to_do_sends_nothing_and_closed_writer_refuses():
     assert fake.closed
     with pytest.raises(FirewallError, match="closed"):
         w.apply(_OPS)
+
+
+@pytest.mark.parametrize("table", ["spa", "a-longer-table-name"])
+@pytest.mark.parametrize("comment", [None, "ssh", "door%20with%20a%20much%20longer%20name"])
+@pytest.mark.parametrize("ports", [[("tcp", 22)], [("tcp", 22), ("udp", 53), ("tcp", 65535)]])
+@pytest.mark.parametrize("version", [4, 6])
+def test_a_create_template_renders_build_batchs_bytes(table, comment, ports, version):
+    import random
+
+    rng = random.Random(f"{table}{comment}{ports}{version}")
+    size = 4 if version == 4 else 16
+    zero = ipaddress.ip_address(bytes(size))
+    tails = [nl.element_key(zero, proto, port)[size:] for proto, port in ports]
+    t = nl.CreateTemplate(table, f"allow{version}", size, tails, comment)
+    for _ in range(50):
+        address = ipaddress.ip_address(rng.randbytes(size))
+        timeout = rng.choice([1, 1500, 2**32 + 7, 2**64 - 1, rng.randrange(1, 2**40)])
+        seq = rng.randrange(1, 0x7FFF0000)
+        elements = tuple(nl.Element(nl.element_key(address, proto, port), timeout, comment) for proto, port in ports)
+        expected = nl.build_batch(table, [nl.ElementOp("create", f"allow{version}", elements)], seq)
+        assert t.render(address.packed, timeout, seq) == expected
+
+
+def test_a_create_template_refuses_an_address_of_the_wrong_size():
+    t = nl.CreateTemplate("spa", "allow4", 4, [b"\x06\0\0\0\0\x16\0\0"], "ssh")
+    with pytest.raises(ValueError, match="16-byte address"):
+        t.render(bytes(16), 1000, 1)
+    with pytest.raises(ValueError):
+        nl.CreateTemplate("spa", "allow4", 4, [], "ssh")
