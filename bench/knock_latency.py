@@ -167,8 +167,8 @@ def findings(by: dict[str, RowResult], interval: float = ATTEMPT_INTERVAL) -> li
         line = (f"- **`open = 22/tcp`: {o:.2f} ms median** from the last knock to a completed connect. The path: the"
                 " kernel matcher (an eBPF program on the interface, the default) matches the knock where it arrives"
                 " and writes the open to a ring buffer, which wakes the daemon's select loop at once (no buffer"
-                " timeout); the grant goes to the grant manager's worker, which adds the nft"
-                " set element (one netlink batch) and writes the journal right after (sqlite, `synchronous=FULL`);"
+                " timeout); the loop adds the nft set element itself (one netlink batch; the grant manager's"
+                " worker when it is busy), and the worker writes the journal right after (sqlite, `synchronous=FULL`);"
                 " `bench/grant_latency.py` measures the firewall part alone (its `nft-netlink` row).")
         out.append(line)
     if k is not None:

@@ -155,7 +155,7 @@ def render(rows: list[Row], info: dict[str, str], samples: int, doors: int, when
     if rot is not None and rot.latencies and cl is not None and cl.latencies:
         a, b = statistics.median(rot.latencies) * 1e3, statistics.median(cl.latencies) * 1e3
         found.append(f"- **Rotating vs classic**: {a:.2f} ms against {b:.2f} ms median in the same run"
-                     f" ({a - b:+.2f} ms). Both go through the grant worker to an nft set element; a rotating"
+                     f" ({a - b:+.2f} ms). Both open an nft set element from the capture loop; a rotating"
                      " grant also carries the sequence's used-once token (a replay-cache lookup and insert in the"
                      " capture loop, burned in memory at once); both open first and are journaled right after, the"
                      " token with the grant.")

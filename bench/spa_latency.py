@@ -202,9 +202,9 @@ def findings(by: dict[str, RowResult], interval: float = ATTEMPT_INTERVAL) -> li
                    + (f"; {i:.2f} ms with the iptables-nft default deny fwknopd uses." if i is not None else ".")
                    + " The path: the packet socket wakes the capture loop at once, the verifier runs its checks"
                    " (hint lookup, XChaCha20-Poly1305, time, replay cache, one Ed25519 verify: about 0.1 ms in all,"
-                   " see the SPA costs section, three to four times that on a CPU that was idle), then the grant"
-                   " manager's worker commits the nonce (sqlite, without waiting for the disk), adds one nft set"
-                   " element (one netlink batch) and journals the grant right after (`synchronous=FULL`).")
+                   " see the SPA costs section, three to four times that on a CPU that was idle), then the loop"
+                   " adds the nft set element itself (one netlink batch; the grant manager's worker does it when"
+                   " busy), and the worker journals the grant and its nonce right after (`synchronous=FULL`).")
     if u is not None:
         out.append(f"- **fwknopd, UDP server: {u:.1f} ms median**: its socket gets the datagram at once; then"
                    " base64, HMAC, AES, the digest cache, and five `iptables` processes (list the chain, create it,"
@@ -224,12 +224,10 @@ def findings(by: dict[str, RowResult], interval: float = ATTEMPT_INTERVAL) -> li
         out.append("- **Side by side**: " + ", ".join(parts) + ", same lab, same client method.")
     if best is not None and best > GOAL_MS:
         out.append(
-            f"- **Why the {GOAL_MS:g} ms goal is missed**: the SPA checks take about 0.1 ms (*SPA costs*). What an"
-            " SPA opening pays on top of a knock's (the knock-latency section) is the nonce's durable journal"
-            " commit (an fsync, 0.3-0.6 ms on this VM's disk, with stalls), which must finish before the firewall is"
-            " touched; it starts before the signature check and overlaps it, but is longer. The rest is two thread"
-            " wake-ups (capture loop, grant worker), each 0.2-0.8 ms on this Firecracker VM, where client and"
-            " server share two vCPUs.")
+            f"- **Why the {GOAL_MS:g} ms goal is missed**: the SPA checks take about 0.1 ms (*SPA costs*), three"
+            " to ten times that on caches an idle spell left cold; the capture loop's wake-up and the client's"
+            " own connect take the rest. On this VM client and server share two vCPUs: the daemon is woken on"
+            " the sender's vCPU and the client's next connect waits for it.")
     for name in ("spa-nft", "spa-ipt"):
         r = by.get(name)
         if r is not None and r.attempts and statistics.median(r.attempts) > 1:
