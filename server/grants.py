@@ -212,6 +212,9 @@ class GrantManager:
             held = ActiveGrant.start(grant, self._clock())
             if not backend.open_new(held):
                 return False  # some of it is open (or the firewall refused): the worker sorts it out
+        except Exception:  # noqa: BLE001 - a bug here must not take the capture loop down; the queue still works
+            log.exception("opening door %r for %s from the capture loop failed; queued instead", grant.door, grant.address)
+            return False
         finally:
             self._lock.release()
         with self._cond:
@@ -223,7 +226,11 @@ class GrantManager:
         """Journal the grants ``_open_promptly`` opened, their replay entries in the same commit."""
         assert self.native is not None
         with self._lock:
-            entries = self.journal.get_many([(h.door, h.address) for h, _, _ in items])
+            try:
+                entries = self.journal.get_many([(h.door, h.address) for h, _, _ in items])
+            except sqlite3.Error as exc:  # still journaled below, as they were opened
+                log.error("journal read failed before recording %d grant(s): %s", len(items), exc)
+                entries = {}
             held_all: list[ActiveGrant] = []
             for held, grant, _ in items:
                 entry = entries.get((held.door, str(held.address)))

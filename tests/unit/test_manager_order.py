@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 
 from spa.grant import Grant
@@ -47,11 +49,20 @@ class Recording(Backend):
     def close(self, grant) -> None: ...
 
 
-def _manager(tmp_path):
+def _manager(tmp_path, kind=None, **kw):
     state = tmp_path / "state"
-    backend = Recording(state)
+    backend = (kind or Recording)(state, **kw)
     mgr = GrantManager(Journal(state), backend, None, repair_interval=60)
     return mgr, backend
+
+
+@contextlib.contextmanager
+def _running(mgr):
+    mgr.start()
+    try:
+        yield mgr
+    finally:
+        mgr.stop()
 
 
 def _wait(cond, limit=5.0):
@@ -99,6 +110,64 @@ def test_a_used_rotating_sequence_follows_its_grant_to_disk(tmp_path):
     finally:
         mgr.stop()
 
+
+
+class Prompt(Recording):
+    """A backend whose ``open_new`` the capture loop may call: records the thread and the journal then."""
+
+    name = "prompt"
+
+    def __init__(self, journal_path, fail: Exception | None = None):
+        super().__init__(journal_path)
+        self.fail = fail
+        self.created: list[tuple[str, list]] = []
+
+    @property
+    def prompt(self) -> bool:
+        return True
+
+    def open_new(self, grant) -> bool:
+        if self.fail is not None:
+            raise self.fail
+        j = Journal(self.journal_path)
+        try:
+            self.created.append((threading.current_thread().name, [e.grant.door for e in j.all()]))
+        finally:
+            j.close()
+        return True
+
+
+def test_a_prompt_grant_opens_in_the_callers_thread_and_is_journaled_with_its_nonce(tmp_path):
+    mgr, backend = _manager(tmp_path, Prompt)
+    with _running(mgr):
+        until = time.time() + 60
+        g = Grant.create("spa", "192.0.2.2", "22/tcp", 30)
+        mgr.submit(g, (b"P" * 24, until), prompt=True)
+        assert backend.created == [(threading.current_thread().name, [])]  # before submit returned
+        assert _wait(lambda: mgr.journal.get("spa", g.address) is not None)
+        assert [(bytes(n), u) for n, u in mgr.journal.replay_entries(0.0)] == [(b"P" * 24, until)]
+        assert backend.opens == [] and mgr.counters["grants_prompt"] == 1
+        # Without prompt=True, or deferred, the same manager queues as before.
+        mgr.submit(Grant.create("spa", "192.0.2.3", "22/tcp", 30), defer=True, prompt=True)
+        mgr.submit(Grant.create("knock", "192.0.2.4", "22/tcp", 30))
+        assert _wait(lambda: len(backend.opens) == 1) and len(backend.created) == 1
+
+
+def test_a_prompt_opening_that_raises_falls_back_to_the_queue(tmp_path, caplog):
+    mgr, backend = _manager(tmp_path, Prompt, fail=RuntimeError("a bug"))
+    with _running(mgr):
+        g = Grant.create("spa", "192.0.2.2", "22/tcp", 30)
+        mgr.submit(g, (b"Q" * 24, time.time() + 60), prompt=True)  # must not raise into the capture loop
+        assert _wait(lambda: mgr.journal.get("spa", g.address) is not None)
+        assert len(backend.opens) == 1 and mgr.counters["grants_prompt"] == 0
+        assert "from the capture loop failed; queued instead" in caplog.text
+
+
+def test_a_busy_worker_means_the_grant_is_queued(tmp_path):
+    mgr, backend = _manager(tmp_path, Prompt)  # not started: what is submitted stays pending
+    mgr.submit(Grant.create("knock", "192.0.2.9", "22/tcp", 30))
+    mgr.submit(Grant.create("spa", "192.0.2.2", "22/tcp", 30), prompt=True)
+    assert backend.created == [] and len(mgr._pending) == 2
 
 
 def test_deferred_extensions_wait_for_a_batch_at_most_the_delay(tmp_path):
