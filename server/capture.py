@@ -43,7 +43,7 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from spa.server import ebpf, netlink
@@ -265,16 +265,19 @@ class Capture:
         """The screen's sockets (``set_screen``), for a selector."""
         return [t for iface in self._ifaces.values() for t in iface.attached[_SCREEN]]
 
-    def read_screen(self, sock: socket.socket, max_packets: int = 64) -> list[bytes]:
-        """Up to ``max_packets`` datagrams the screen passed on ``sock`` (never raises: a socket error is
-        the interface's, and the capture's own sockets report it)."""
-        out: list[bytes] = []
-        try:
-            while len(out) < max_packets:
-                out.append(sock.recv(_SCREEN_MAX))
-        except OSError:  # BlockingIOError: all read; anything else: the interface went, refresh() reopens
-            pass
-        return out
+    def read_screen(self, sock: socket.socket, max_packets: int = 64) -> Iterator[bytes]:
+        """Up to ``max_packets`` datagrams the screen passed on ``sock``, each yielded as it is read (never
+        raises: a socket error is the interface's, and the capture's own sockets report it).
+
+        One at a time, not read all first: the first datagram is usually the only one, and its door
+        should not wait for the read that finds the socket empty.
+        """
+        for _ in range(max_packets):
+            try:
+                data = sock.recv(_SCREEN_MAX)
+            except OSError:  # BlockingIOError: all read; anything else: the interface went, refresh() reopens
+                return
+            yield data
 
     # -- sockets ---------------------------------------------------------------
 
