@@ -38,7 +38,6 @@ from spa.server import ebpf, netlink
 from spa.server.bpf import DROP_ALL, FilterError, compile_filter
 from spa.server.capture import ANY, Capture
 from spa.server.grants import DEFER_DELAY, GrantManager
-from spa.server.journal import boot_id
 from spa.server.knock_kernel import NOTES_INTERVAL, KernelMatcher, unsuitable
 from spa.server.logs import Names, Throttle, events
 from spa.server.onetime import OneTimeSequences
@@ -270,7 +269,7 @@ class Daemon:
         now = time.time()
         for nonce, until in journal.replay_entries(now):
             self.replay.add(nonce, until)
-        if journal.begin_session(boot_id()):
+        if journal.begin_session():
             # A nonce reaches the disk a moment after its grant opens (or ahead of it without an
             # fsync): after a crash the last few may be lost, so nothing made before now is taken.
             self.spa_not_before = now

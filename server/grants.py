@@ -54,6 +54,11 @@ DEFER_DELAY = 0.5
 DEFER_CHUNK = 64
 
 
+def _held(entry: JournalEntry | None) -> ActiveGrant | None:
+    """What the journal holds open for a (door, address): nothing while it is being closed."""
+    return entry.grant if entry is not None and not entry.closing else None
+
+
 def describe(g: ActiveGrant) -> str:
     ports = ",".join(str(p) for p in g.ports) or "commands"
     return f"door {g.door!r} for {g.address} ({ports})"
@@ -231,10 +236,9 @@ class GrantManager:
             except sqlite3.Error as exc:  # still journaled below, as they were opened
                 log.error("journal read failed before recording %d grant(s): %s", len(items), exc)
                 entries = {}
-            held_all: list[ActiveGrant] = []
+            opened: list[tuple[ActiveGrant, ActiveGrant | None, Grant]] = []
             for held, grant, _ in items:
-                entry = entries.get((held.door, str(held.address)))
-                previous = entry.grant if entry is not None and not entry.closing else None
+                previous = _held(entries.get((held.door, str(held.address))))
                 if previous is not None:
                     # Journaled while its elements were missing (a flushed firewall awaiting repair, a grant
                     # the worker or ``spa grant`` made a moment ago): keep the later deadline, drop the ports
@@ -248,27 +252,33 @@ class GrantManager:
                         except FirewallError as exc:  # what the loop opened stays open, to its own deadline
                             self.counters["firewall_failures"] += 1
                             log.error("extending %s failed: %s", describe(merged), exc)
-                held_all.append(held)
-            try:
-                self.journal.put_many(held_all, self.native.name, [n for _, _, n in items if n is not None])
-            except sqlite3.Error as exc:
-                # Open already; the kernel still closes each one at its deadline.
-                log.error("journal write failed after opening %d grant(s): %s", len(held_all), exc)
-            for h, (_, g, _) in zip(held_all, items):
-                self.counters["firewall_ops"] += 1
-                self.counters["grants_total"] += 1
-                self.counters["grants_prompt"] += 1
-                self._schedule(h)
-                log.info("opened %s until %s%s", describe(h), time.strftime("%H:%M:%S", time.localtime(h.deadline)),
-                         f" ({g.via})" if g.via else "")
+                opened.append((held, previous, grant))
+            self.counters["firewall_ops"] += len(items)
+            self.counters["grants_prompt"] += len(items)
+            self._journal_opened(opened, [n for _, _, n in items if n is not None])
+
+    def _journal_opened(self, opened: list[tuple[ActiveGrant, ActiveGrant | None, Grant]],
+                        nonces: list[tuple[bytes, float]]) -> None:
+        """Journal (held, previous, grant) triples the firewall already holds, ``nonces`` in the same commit;
+        then schedule and log each. The caller holds ``_lock``."""
+        assert self.native is not None
+        try:
+            self.journal.put_many([h for h, _, _ in opened], self.native.name, nonces)
+        except sqlite3.Error as exc:
+            # Open already; the kernel still closes each one at its deadline.
+            log.error("journal write failed after opening %d grant(s): %s", len(opened), exc)
+        for h, previous, g in opened:
+            self.counters["grants_total"] += 1
+            self._schedule(h)
+            log.info("%s %s until %s%s", "extended" if previous is not None else "opened", describe(h),
+                     time.strftime("%H:%M:%S", time.localtime(h.deadline)), f" ({g.via})" if g.via else "")
 
     def grant(self, grant: Grant) -> ActiveGrant:
         """Open (or extend) ``grant`` now; raises ``FirewallError`` if the firewall refuses."""
         with self._lock:
             name, backend = self._backend_for(grant)
             now = self._clock()
-            entry = self.journal.get(grant.door, grant.address)
-            previous = entry.grant if entry is not None and not entry.closing else None
+            previous = _held(self.journal.get(grant.door, grant.address))
             held = regrant(previous, grant, now)
             self.journal.put(held, name)  # on disk before the firewall changes
             try:
@@ -320,8 +330,7 @@ class GrantManager:
             pairs: list[tuple[ActiveGrant, ActiveGrant | None]] = []
             entries = self.journal.get_many([(g.door, g.address) for g in native])
             for g in native:
-                entry = entries.get((g.door, str(g.address)))
-                previous = entry.grant if entry is not None and not entry.closing else None
+                previous = _held(entries.get((g.door, str(g.address))))
                 pairs.append((regrant(previous, g, now), previous))
             # A batch opens first and is journaled right after: the kernel
             # holds each native grant's deadline itself, so a crash in between
@@ -341,18 +350,9 @@ class GrantManager:
                 for g in native:
                     held_all += self._grant_logged(g)
                 return held_all
-            try:
-                self.journal.put_many([h for h, _ in pairs], self.native.name, list(late))
-            except sqlite3.Error as exc:
-                # Open already; the kernel still closes each one at its deadline.
-                log.error("journal write failed after opening %d grant(s): %s", len(pairs), exc)
             self.counters["firewall_ops"] += 1
-            for g, (h, prev) in zip(native, pairs):
-                self.counters["grants_total"] += 1
-                self._schedule(h)
-                log.info("%s %s until %s%s", "extended" if prev is not None else "opened", describe(h),
-                         time.strftime("%H:%M:%S", time.localtime(h.deadline)), f" ({g.via})" if g.via else "")
-                held_all.append(h)
+            self._journal_opened([(h, prev, g) for g, (h, prev) in zip(native, pairs)], list(late))
+            held_all += [h for h, _ in pairs]
         return held_all
 
     def _grant_logged(self, g: Grant) -> list[ActiveGrant]:

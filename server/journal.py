@@ -58,17 +58,6 @@ CREATE TABLE IF NOT EXISTS session (
 """
 
 
-BOOT_ID = "/proc/sys/kernel/random/boot_id"
-
-
-def boot_id(path: str = BOOT_ID) -> str | None:
-    """This boot's id (new at every boot), or None where the kernel does not say."""
-    try:
-        return Path(path).read_text().strip() or None
-    except OSError:
-        return None
-
-
 @dataclass(frozen=True, slots=True)
 class JournalEntry:
     grant: ActiveGrant
@@ -159,21 +148,20 @@ class Journal:
         """Record SPA replay-cache entries alone (durable when this returns, unless ``durable=False``)."""
         self.put_many([], "", nonces, durable=durable)
 
-    def begin_session(self, boot_id: str | None) -> bool:
-        """Record that a daemon now runs, in boot ``boot_id`` (None: unknown).
+    def begin_session(self) -> bool:
+        """Record that a daemon now runs (until ``end_session`` says it stopped cleanly).
 
         True when replay-cache entries may have been lost: the previous
         daemon did not stop cleanly (a crash, ``kill -9``, the machine going
         down), so a grant it opened in its last moments may have no nonce on
         disk. A first start, an older journal without a session record, and
-        a clean stop give False. ``boot_id`` is kept for the record only.
+        a clean stop give False.
         """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 before = dict(self._db.execute("SELECT key, value FROM session").fetchall())
-                self._db.executemany("INSERT OR REPLACE INTO session (key, value) VALUES (?, ?)",
-                                     [("boot", boot_id or ""), ("clean", "0")])
+                self._db.execute("INSERT OR REPLACE INTO session (key, value) VALUES ('clean', '0')")
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

@@ -106,26 +106,32 @@ def chacha20_poly_key(a: A.Asm, base: int, state: int, key: int, nonce8: int) ->
         a.stx(A.W, base, state + 4 * i, A.R1)
 
 
+#: How each 26-bit limb of a 128-bit number hi:lo is cut: (lo >> a) | (hi << b), or hi >> b when a is None.
+_SPLIT = ((0, None), (26, None), (52, 12), (None, 14), (None, 40))
+
+
+def _limb(a: A.Asm, dst: int, lo: int, hi: int, k: int, tmp: int) -> None:
+    """Limb ``k`` of ``hi:lo`` into ``dst`` (26 bits; limb 4, the top 24, needs no mask). ``tmp``: scratch."""
+    lo_shift, hi_shift = _SPLIT[k]
+    if lo_shift is None:
+        a.mov64_reg(dst, hi)
+        a.alu64_imm(A.RSH, dst, hi_shift)
+    else:
+        a.mov64_reg(dst, lo)
+        if lo_shift:
+            a.alu64_imm(A.RSH, dst, lo_shift)
+        if hi_shift is not None:  # limb 2 straddles the halves
+            a.mov64_reg(tmp, hi)
+            a.alu64_imm(A.LSH, tmp, hi_shift)
+            a.alu64_reg(A.OR, dst, tmp)
+    if k < 4:
+        a.alu64_imm(A.AND, dst, _M26)
+
+
 def _limbs(a: A.Asm, lo: int, hi: int, out: tuple[int, ...], tmp: int) -> None:
-    """The 128-bit number ``hi:lo`` as five 26-bit limbs into the registers ``out`` (``lo`` and ``hi`` are kept;
-    ``_add_block`` does the same a limb at a time, for want of registers)."""
-    l0, l1, l2, l3, l4 = out
-    a.mov64_reg(l0, lo)
-    a.alu64_imm(A.AND, l0, _M26)
-    a.mov64_reg(l1, lo)
-    a.alu64_imm(A.RSH, l1, 26)
-    a.alu64_imm(A.AND, l1, _M26)
-    a.mov64_reg(l2, lo)
-    a.alu64_imm(A.RSH, l2, 52)
-    a.mov64_reg(tmp, hi)
-    a.alu64_imm(A.LSH, tmp, 12)
-    a.alu64_reg(A.OR, l2, tmp)
-    a.alu64_imm(A.AND, l2, _M26)
-    a.mov64_reg(l3, hi)
-    a.alu64_imm(A.RSH, l3, 14)
-    a.alu64_imm(A.AND, l3, _M26)
-    a.mov64_reg(l4, hi)
-    a.alu64_imm(A.RSH, l4, 40)
+    """The 128-bit number ``hi:lo`` as five 26-bit limbs into the registers ``out`` (``lo`` and ``hi`` are kept)."""
+    for k, limb in enumerate(out):
+        _limb(a, limb, lo, hi, k, tmp)
 
 
 def poly1305(a: A.Asm, base: int, key: int, msg: int, blocks: int, work: int, out: int) -> None:
@@ -169,24 +175,11 @@ def poly1305(a: A.Asm, base: int, key: int, msg: int, blocks: int, work: int, ou
 
 
 def _add_block(a: A.Asm, h: tuple[int, ...], lo: int, hi: int) -> None:
-    """h += hi:lo + 2**128 (limb by limb; r0 and r8 as scratch)."""
-    steps = ((0, None, 0), (26, None, 0), (52, 12, 0), (None, 14, 0), (None, 40, 1 << 24))
-    for limb, (lo_shift, hi_shift, top) in zip(h, steps):
-        if lo_shift is not None:
-            a.mov64_reg(A.R0, lo)
-            if lo_shift:
-                a.alu64_imm(A.RSH, A.R0, lo_shift)
-            if hi_shift is not None:  # limb 2 straddles the halves
-                a.mov64_reg(A.R8, hi)
-                a.alu64_imm(A.LSH, A.R8, hi_shift)
-                a.alu64_reg(A.OR, A.R0, A.R8)
-        else:
-            a.mov64_reg(A.R0, hi)
-            a.alu64_imm(A.RSH, A.R0, hi_shift)
-        if top:
-            a.alu64_imm(A.OR, A.R0, top)  # hi >> 40 is already below 2**24
-        else:
-            a.alu64_imm(A.AND, A.R0, _M26)
+    """h += hi:lo + 2**128 (limb by limb, for want of registers; r0 and r8 as scratch)."""
+    for k, limb in enumerate(h):
+        _limb(a, A.R0, lo, hi, k, A.R8)
+        if k == 4:
+            a.alu64_imm(A.OR, A.R0, 1 << 24)  # the 2**128 bit; hi >> 40 is already below 2**24
         a.alu64_reg(A.ADD, limb, A.R0)
 
 

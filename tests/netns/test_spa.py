@@ -183,12 +183,12 @@ def test_replay_is_refused_from_any_address_and_after_a_restart(lab, tmp_path, k
 
 
 def test_after_the_machine_went_down_under_it_packets_made_before_the_start_are_refused(lab, tmp_path, keys):
-    # The journal says: a daemon ran in another boot and never stopped cleanly (a power loss).
+    # The journal says: a daemon ran and never stopped cleanly (here, a power loss).
     # Any nonce it committed in its last millisecond may be lost, so nothing older than this start counts.
     from spa.server.journal import Journal
 
     j = Journal(tmp_path / "state")
-    j.begin_session("a-boot-before-the-power-loss")
+    j.begin_session()
     j.close()
     lab.default_deny("nft")
     text = config(keys, door("ssh", keys.authorize("authorized_keys", keys.pub_line())))

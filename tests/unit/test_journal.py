@@ -2,7 +2,7 @@ import os
 import stat
 
 from spa.grant import ActiveGrant, CommandAction, Grant
-from spa.server.journal import Journal, boot_id
+from spa.server.journal import Journal
 
 
 def _g(door="ssh", addr="192.0.2.2", ports="22/tcp", deadline=1000.0, commands=None):
@@ -67,26 +67,17 @@ def test_nonces_written_without_fsync_survive_the_process_and_leave_it_full(tmp_
 
 
 def test_session_says_when_nonces_may_be_lost(tmp_path):
-    assert not Journal(tmp_path).begin_session("boot-a")  # first start: nothing before
+    assert not Journal(tmp_path).begin_session()  # first start: nothing before
     # Killed with the machine still up: a grant the capture loop opened in the last
     # moment may have had its nonce still on the way to the journal.
-    assert Journal(tmp_path).begin_session("boot-a")
-    assert Journal(tmp_path).begin_session("boot-b")  # killed, then the machine restarted
+    assert Journal(tmp_path).begin_session()
+    assert Journal(tmp_path).begin_session()  # killed again, or the machine went down
     j = Journal(tmp_path)
-    assert j.begin_session(None)  # the previous run never stopped cleanly and the boot is unknown
+    assert j.begin_session()  # the previous run never stopped cleanly
     j.end_session()
-    assert not Journal(tmp_path).begin_session("boot-c")  # a clean stop flushed everything
+    assert not Journal(tmp_path).begin_session()  # a clean stop flushed everything
 
 
 def test_a_journal_from_before_sessions_needs_no_refusal(tmp_path):
     Journal(tmp_path).remember([(b"m" * 24, 2000.0)])
-    assert not Journal(tmp_path).begin_session("boot-a")
-
-
-def test_boot_id(tmp_path):
-    assert boot_id(str(tmp_path / "absent")) is None
-    (tmp_path / "id").write_text("\n")
-    assert boot_id(str(tmp_path / "id")) is None
-    (tmp_path / "id").write_text("4f1c\n")
-    assert boot_id(str(tmp_path / "id")) == "4f1c"
-    assert boot_id() is None or len(boot_id()) >= 32
+    assert not Journal(tmp_path).begin_session()
